@@ -1,0 +1,1 @@
+"""pixelrefer_hf: PixelRefer and PixelRefer-Lite as transformers models."""
