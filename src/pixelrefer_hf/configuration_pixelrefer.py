@@ -13,6 +13,14 @@ from transformers.models.video_llama_3.configuration_video_llama_3 import VideoL
 
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
+# Where the remote code of each Auto class lives. All three model factories give the generative class, so that
+# `AutoModel.from_pretrained(repo, trust_remote_code=True).generate(...)` works as users of region models expect.
+AUTO_MAP = {
+    "AutoConfig": "configuration_pixelrefer.PixelReferConfig",
+    "AutoModel": "modeling_pixelrefer.PixelReferForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_pixelrefer.PixelReferForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_pixelrefer.PixelReferForConditionalGeneration",
+}
 KMEANS_INITS = ("linspace", "random")
 
 
@@ -133,6 +141,8 @@ class PixelReferConfig(PreTrainedConfig):
             self.max_object_patches = 50 if self.is_lite else 100
         if self.legacy_local_crop_reuse is None:
             self.legacy_local_crop_reuse = self.is_lite
+        # save_pretrained merges the classes' own auto classes into this map; entries loaded from a hub config win.
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         # Qwen2.5-1.5B ties its embeddings; the flag may only be present in the text config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

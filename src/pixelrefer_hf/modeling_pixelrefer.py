@@ -464,6 +464,10 @@ class PixelReferPreTrainedModel(PreTrainedModel):
                 "device is present); PixelRefer falls back to 'sdpa'. Install the `flash` extra on a CUDA machine."
             )
             requested_attention = "sdpa"
+            # The sub-models (tower, LLM) check their own configs when they are built: make them fall back too.
+            for sub_config in (self.config.text_config, self.config.vision_config):
+                if sub_config._attn_implementation == "flash_attention_2":
+                    sub_config._attn_implementation_internal = "sdpa"
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
 

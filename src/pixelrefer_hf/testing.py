@@ -1,0 +1,79 @@
+"""Tiny, randomly initialised PixelRefer models with a real offline tokenizer, for tests, examples and curiosity.
+
+Nothing here downloads anything: the tokenizer is trained on a built-in corpus (`tokenizer_assets.py`) and the weights
+are random, so answers are meaningless but every code path (crops, SAOT, OCI, batching, generation) runs for real.
+
+    >>> from pixelrefer_hf.testing import tiny_model_and_processor
+    >>> model, processor = tiny_model_and_processor("pixelrefer-lite")
+"""
+
+import torch
+
+from .configuration_pixelrefer import PixelReferConfig
+from .image_processing_pixelrefer import PixelReferImageProcessor
+from .modeling_pixelrefer import PixelReferForConditionalGeneration
+from .processing_pixelrefer import PixelReferProcessor
+from .tokenizer_assets import CHAT_TEMPLATE, build_tiny_tokenizer
+
+
+TINY_VISION_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "patch_size": 14,
+}
+TINY_TEXT_CONFIG = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 8192,
+    # Larger than Qwen's 0.02 so that random logits are well separated and greedy decoding is not decided by
+    # rounding noise (batch-vs-single tests compare generated tokens).
+    "initializer_range": 0.2,
+}
+TINY_DEFAULTS = {"num_object_tokens": 8, "oci_num_heads": 2, "max_visual_tokens": 1024}
+
+
+def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
+    """A PixelRefer config with 2-layer towers whose token ids come from `tokenizer` (the tiny one by default)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    text_config = {**TINY_TEXT_CONFIG, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}
+    values = {
+        "variant": variant,
+        "text_config": text_config,
+        "vision_config": dict(TINY_VISION_CONFIG),
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+        "region_token_id": tokenizer.convert_tokens_to_ids("<REGION>"),
+        **TINY_DEFAULTS,
+        **overrides,
+    }
+    return PixelReferConfig(**values)
+
+
+def processor_for_config(config: PixelReferConfig, tokenizer) -> PixelReferProcessor:
+    """The processor that agrees with `config` (crop scales, token counts, budgets)."""
+    image_processor = PixelReferImageProcessor(**config.image_processor_kwargs())
+    return PixelReferProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_model_and_processor(
+    variant: str = "pixelrefer", seed: int = 0, **config_overrides
+) -> tuple[PixelReferForConditionalGeneration, PixelReferProcessor]:
+    """A tiny random `(model, processor)` pair in eval mode. The same seed always gives the same weights, and the
+    global torch RNG is left untouched."""
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(variant, tokenizer, **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PixelReferForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor_for_config(config, tokenizer)
+
+
+__all__ = ["tiny_config", "processor_for_config", "tiny_model_and_processor"]
