@@ -4,7 +4,6 @@ Expected crop sizes below are computed by hand from the rules of `docs/design.md
 P = 14, n = 32, pad = 28, max patches 100 (PixelRefer) / 50 (Lite).
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
 from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor, object_token_count
 from pixelrefer_hf.processing_pixelrefer import PixelReferProcessor
 from pixelrefer_hf.tokenizer_assets import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
-
 
 VARIANTS = ["pixelrefer", "pixelrefer-lite"]
 IMAGE_ID, REGION_ID = 3, 4  # ids of `<image>` and `<REGION>` in the tiny tokenizer
@@ -117,9 +115,7 @@ def test_scale_adaptive_crop_sizes(variant, case):
     (height, width), (start, end), expected_side = CROP_CASES[case]
     image_processor = PixelReferImageProcessor(variant=variant)
     mask = box_mask(height, width, (start, end), (start, end))
-    features, layouts = image_processor.preprocess_multimodal(
-        images=[random_image(height, width)], regions=[[mask]]
-    )
+    features, layouts = image_processor.preprocess_multimodal(images=[random_image(height, width)], regions=[[mask]])
     side = expected_side[variant]
     assert features["region_grid_thw"].tolist() == [[1, side, side]]
     assert features["region_pixel_values"].shape == (side * side, 3 * 14 * 14)
@@ -188,7 +184,9 @@ def test_crop_window_and_region_boxes_both_conventions():
 def test_thin_object_on_the_dropped_border_row_still_gets_tokens():
     # A one-pixel line on the last row: PixelRefer's crop window excludes it, yet one patch is kept.
     mask = box_mask(100, 100, (99, 100), (20, 80))
-    features, layouts = PixelReferImageProcessor().preprocess_multimodal(images=[random_image(100, 100)], regions=[[mask]])
+    features, layouts = PixelReferImageProcessor().preprocess_multimodal(
+        images=[random_image(100, 100)], regions=[[mask]]
+    )
     assert features["region_patch_masks"].sum() >= 1
     assert layouts[0].region_token_counts[0][0] >= 1
 
@@ -349,12 +347,24 @@ def test_video_timestamps_and_token_compression(make_processor, tokenizer):
     assert output["image_merge_sizes"].tolist() == [2, 2, 2]
     # Frame 0 keeps all tokens, frame 1 (new content) all, frame 2 only the changed top-left window.
     assert output["image_keep_mask"].tolist() == [True] * 8 + [True, False, False, False]
-    counts = [object_token_count(int(m.sum()), 32, "pixelrefer") for m in
-              split_rows(output["region_patch_masks"], output["region_grid_thw"])]
+    counts = [
+        object_token_count(int(m.sum()), 32, "pixelrefer")
+        for m in split_rows(output["region_patch_masks"], output["region_grid_thw"])
+    ]
     expected = (
-        "Time 0.5s:" + "<image>" * 4 + ",Time 1.5s:" + "<image>" * 4 + ",Time 2.5s:" + "<image>"
-        + "\nWhat do [" + "<REGION>" * counts[0] + "] and [Time 0.5:" + "<REGION>" * counts[1]
-        + ",Time 2.5:" + "<REGION>" * counts[2] + "] do?"
+        "Time 0.5s:"
+        + "<image>" * 4
+        + ",Time 1.5s:"
+        + "<image>" * 4
+        + ",Time 2.5s:"
+        + "<image>"
+        + "\nWhat do ["
+        + "<REGION>" * counts[0]
+        + "] and [Time 0.5:"
+        + "<REGION>" * counts[1]
+        + ",Time 2.5:"
+        + "<REGION>" * counts[2]
+        + "] do?"
     )
     assert tokenizer.decode(output["input_ids"][0]) == expected
 
@@ -390,9 +400,14 @@ def test_lite_video_regions_always_carry_time(make_processor, tokenizer):
 def test_batch_with_left_padding_equals_single_samples(make_processor):
     processor = make_processor()
     images = [random_image(50, 70, 1), random_image(84, 56, 2)]
-    regions = [[box_mask(50, 70, (5, 25), (5, 40))], [[0, 0, 20, 20], [10, 30, 50, 80], box_mask(84, 56, (60, 84), (0, 56))]]
+    regions = [
+        [box_mask(50, 70, (5, 25), (5, 40))],
+        [[0, 0, 20, 20], [10, 30, 50, 80], box_mask(84, 56, (60, 84), (0, 56))],
+    ]
     texts = ["What is <region>?", "Is <region> left of <region> or <region>? Answer yes or no."]
-    batch = processor(text=texts, images=images, regions=regions, padding=True, padding_side="left", return_tensors="pt")
+    batch = processor(
+        text=texts, images=images, regions=regions, padding=True, padding_side="left", return_tensors="pt"
+    )
     singles = [processor(text=t, images=i, regions=r, return_tensors="pt") for t, i, r in zip(texts, images, regions)]
 
     lengths = [single["input_ids"].shape[1] for single in singles]
@@ -402,8 +417,15 @@ def test_batch_with_left_padding_equals_single_samples(make_processor):
     assert (batch["input_ids"][0, :pad] == 0).all()
     for row, single in enumerate(singles):
         assert torch.equal(batch["input_ids"][row][batch["attention_mask"][row].bool()], single["input_ids"][0])
-    for key in ("pixel_values", "image_grid_thw", "region_pixel_values", "region_grid_thw", "region_patch_masks",
-                "region_boxes", "region_image_sizes"):
+    for key in (
+        "pixel_values",
+        "image_grid_thw",
+        "region_pixel_values",
+        "region_grid_thw",
+        "region_patch_masks",
+        "region_boxes",
+        "region_image_sizes",
+    ):
         assert torch.equal(batch[key], torch.cat([single[key] for single in singles])), key
     assert set(batch) <= set(processor.model_input_names)
 
@@ -430,7 +452,10 @@ def test_truncation_never_cuts_visual_tokens(make_processor):
     assert safe["input_ids"][0] == full["input_ids"][0][: last_protected + 3] and length > last_protected + 3
     with pytest.raises(ValueError, match="sample 1: truncating its .* tokens to max_length=.* would cut through"):
         processor(
-            text=["<region>", text], images=[image, image], regions=[[mask], [mask]], truncation=True,
+            text=["<region>", text],
+            images=[image, image],
+            regions=[[mask], [mask]],
+            truncation=True,
             max_length=last_protected,
         )
 
@@ -548,7 +573,9 @@ def test_image_and_video_in_one_sample(make_processor, image_and_mask):
 def test_unreadable_image(make_processor):
     with pytest.raises(ValueError, match="sample 1, image 0: unsupported image type str"):
         make_processor()(text=["a", "b"], images=[None, "cat.png"])
-    with pytest.raises(ValueError, match=r"sample 0, image 0: floating-point images must hold finite values in \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"sample 0, image 0: floating-point images must hold finite values in \[0, 1\]"
+    ):
         make_processor()(text="a", images=np.full((20, 20, 3), 3.0))
 
 

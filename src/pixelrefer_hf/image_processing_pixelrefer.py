@@ -34,7 +34,6 @@ from transformers.utils import TensorType
 
 from .region_utils import region_to_mask, validate_frame_index
 
-
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 
 
@@ -159,8 +158,10 @@ def _to_rgb_array(image, where: str) -> np.ndarray:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{where}: expected an (H, W), (H, W, C) or (C, H, W) image with 1, 3 or 4 channels, got "
-                         f"shape {tuple(image.shape)}")
+        raise ValueError(
+            f"{where}: expected an (H, W), (H, W, C) or (C, H, W) image with 1, 3 or 4 channels, got "
+            f"shape {tuple(image.shape)}"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{where}: the image is empty (shape {tuple(image.shape)})")
 

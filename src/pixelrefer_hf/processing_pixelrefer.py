@@ -17,7 +17,6 @@ from transformers.utils import TensorType
 
 from .image_processing_pixelrefer import PixelReferSample, PixelReferSampleLayout
 
-
 # A visual tag with the newline that may follow it (Lite removes both), or a region placeholder.
 _PLACEHOLDER_PATTERN = re.compile(r"(?P<tag><image>|<video>)(?P<newline>\n?)|<region>")
 
@@ -50,9 +49,11 @@ class PixelReferProcessor(ProcessorMixin):
     @staticmethod
     def _single_token_id(tokenizer, token: str) -> int:
         token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.encode(
-            token, add_special_tokens=False
-        ) != [token_id]:
+        if (
+            token_id is None
+            or token_id == tokenizer.unk_token_id
+            or tokenizer.encode(token, add_special_tokens=False) != [token_id]
+        ):
             raise ValueError(f"the tokenizer must hold {token} as a single special token")
         return token_id
 
@@ -126,7 +127,9 @@ class PixelReferProcessor(ProcessorMixin):
         images = self._per_sample(images, batch_size, "images", is_single, nested_ok=True)
         videos = self._per_sample(videos, batch_size, "videos", is_single, nested_ok=True)
         regions = self._per_sample(regions, batch_size, "regions", is_single, nested_ok=False)
-        video_timestamps = self._per_sample(video_timestamps, batch_size, "video_timestamps", is_single, nested_ok=False)
+        video_timestamps = self._per_sample(
+            video_timestamps, batch_size, "video_timestamps", is_single, nested_ok=False
+        )
 
         samples = [
             self._prepare_sample(
