@@ -4,7 +4,6 @@ Expected crop sizes below are computed by hand from the rules of `docs/design.md
 P = 14, n = 32, pad = 28, max patches 100 (PixelRefer) / 50 (Lite).
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
 from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor, object_token_count
 from pixelrefer_hf.processing_pixelrefer import PixelReferProcessor
 from pixelrefer_hf.tokenizer_assets import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
+
 
 VARIANTS = ["pixelrefer", "pixelrefer-lite"]
 IMAGE_ID, REGION_ID = 3, 4  # ids of `<image>` and `<REGION>` in the tiny tokenizer
@@ -173,7 +173,7 @@ def test_crop_window_and_region_boxes_both_conventions():
     }
     for variant in VARIANTS:
         image_processor = PixelReferImageProcessor(variant=variant)
-        for mask, box, window in zip((inside, border), expected_boxes, windows[variant]):
+        for mask, box, window in zip((inside, border), expected_boxes, windows[variant], strict=True):
             assert image_processor.crop_window(mask) == (tuple(box), window)
         features, _ = image_processor.preprocess_multimodal(images=[random_image(120, 160)], regions=[[inside, border]])
         assert features["region_boxes"].tolist() == expected_boxes
@@ -408,7 +408,10 @@ def test_batch_with_left_padding_equals_single_samples(make_processor):
     batch = processor(
         text=texts, images=images, regions=regions, padding=True, padding_side="left", return_tensors="pt"
     )
-    singles = [processor(text=t, images=i, regions=r, return_tensors="pt") for t, i, r in zip(texts, images, regions)]
+    singles = [
+        processor(text=t, images=i, regions=r, return_tensors="pt")
+        for t, i, r in zip(texts, images, regions, strict=True)
+    ]
 
     lengths = [single["input_ids"].shape[1] for single in singles]
     assert lengths[0] < lengths[1] == batch["input_ids"].shape[1]
@@ -450,7 +453,7 @@ def test_truncation_never_cuts_visual_tokens(make_processor):
 
     safe = processor(text=text, images=image, regions=[mask], truncation=True, max_length=last_protected + 3)
     assert safe["input_ids"][0] == full["input_ids"][0][: last_protected + 3] and length > last_protected + 3
-    with pytest.raises(ValueError, match="sample 1: truncating its .* tokens to max_length=.* would cut through"):
+    with pytest.raises(ValueError, match=r"sample 1: truncating its \d+ tokens to max_length=\d+ would cut through"):
         processor(
             text=["<region>", text],
             images=[image, image],
@@ -477,6 +480,30 @@ def test_chat_template_renders_qwen_style(make_processor):
         "<|im_start|>user\nIs <region> red?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n"
         "<|im_start|>user\nAnd <region>?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_chat_template_tokenizes_video_frames(make_processor, tokenizer):
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": list(video_frames())},
+                {"type": "text", "text": "What is <region>?"},
+            ],
+        }
+    ]
+    output = make_processor().apply_chat_template(
+        conversation,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        processor_kwargs={"regions": [{0: [0, 0, 20, 20]}]},
+    )
+    text = tokenizer.decode(output["input_ids"][0])
+    assert text.startswith(
+        "<|im_start|>user\nTime 0.0s:" + "<image>" * 4 + ",Time 1.0s:" + "<image>" * 4 + ",Time 2.0s:"
+    )
+    assert text.endswith("\nWhat is [" + "<REGION>" * 32 + "]?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -594,3 +621,27 @@ def test_other_bad_inputs(make_processor, image_and_mask):
         processor(text="<video>", videos=[[random_image(28, 28), random_image(28, 56)]])
     with pytest.raises(ValueError, match="images has 1 entries but the batch has 2 samples"):
         processor(text=["a", "b"], images=[image])
+
+
+@pytest.mark.parametrize(
+    "region, message",
+    [
+        (np.ones((10, 10), dtype=bool), r"sample 1, region 1: mask is 10x10 but the image is 64x80 \(H x W\)"),
+        ([100, 100, 120, 130], r"sample 1, region 1: box .* lies entirely outside the 64x80 image"),
+        ([10, 10, 10, 30], "sample 1, region 1: .*zero or negative area"),
+        ({"size": [64, 80], "counts": "not an rle ###"}, "sample 1, region 1: invalid COCO RLE"),
+        (np.full((64, 80), 3, dtype=np.uint8), "sample 1, region 1: integer mask must contain only 0/1 or only 0/255, found values 3"),
+        (np.full((64, 80), 1.5, dtype=np.float32), r"sample 1, region 1: .*\[0, 1\]"),
+    ],
+)
+def test_bad_regions_name_the_sample_and_region(make_processor, region, message):
+    """Each bad region fails with a ValueError naming its sample and region, whatever else the batch holds."""
+    processor = make_processor("pixelrefer")
+    image = np.zeros((64, 80, 3), dtype=np.uint8)
+    good = [[5, 5, 30, 30]]
+    with pytest.raises(ValueError, match=message):
+        processor(
+            text=["<image>\nWhat is <region>?", "<image>\nCompare <region> and <region>."],
+            images=[image, image],
+            regions=[good, [good[0], region]],
+        )

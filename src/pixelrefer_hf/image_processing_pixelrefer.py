@@ -34,6 +34,7 @@ from transformers.utils import TensorType
 
 from .region_utils import region_to_mask, validate_frame_index
 
+
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 
 
@@ -417,7 +418,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     def _video_timestamps(video_timestamps, num_frames: int, where: str) -> list[float]:
         if video_timestamps is None:
             return [float(t) for t in range(num_frames)]
-        timestamps = [float(t) for t in video_timestamps]
+        try:
+            timestamps = [float(t) for t in video_timestamps]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: video timestamps must be a list of numbers") from error
         if len(timestamps) != num_frames:
             raise ValueError(f"{where}: {len(timestamps)} video timestamps were given for {num_frames} frames")
         if not all(math.isfinite(t) for t in timestamps):
@@ -634,6 +638,8 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
                     region_times.append(sample.timestamps[frame_index])
 
                 if self.is_lite:
+                    # `local_of_frame` remembers the first local image made on each frame: the one every later
+                    # region on that frame reuses when `legacy_local_crop_reuse` is on. Globals are always shared.
                     reuse = self.legacy_local_crop_reuse and frame_index in local_of_frame
                     if not reuse:
                         top, left, row_end, col_end = crop["crop_window"]

@@ -246,7 +246,6 @@ class PixelReferObjectTokenizer(nn.Module):
         self.kmeans_init = config.kmeans_init
         self.kmeans_seed = config.kmeans_seed
         self.legacy_box_position = config.legacy_box_position
-        self.pad_to_num_object_tokens = config.is_lite
         # Relative position of each crop patch in its frame (x, y) -> vision width, added before pooling.
         self.position_embedding = nn.Linear(2, config.vision_config.hidden_size)
         # vision width -> LLM width -> LLM width (official `feat_linear`); same layout as the global projector.
@@ -314,11 +313,6 @@ class PixelReferObjectTokenizer(nn.Module):
         token_valid = torch.arange(n, device=tokens.device)[None, :] < num_tokens.clamp(max=n)[:, None]
         return tokens, token_valid
 
-    def num_output_tokens(self, token_valid: torch.Tensor) -> torch.Tensor:
-        """Tokens each crop contributes to the LLM: all n for Lite (zero-padded), the real ones otherwise."""
-        if self.pad_to_num_object_tokens:
-            return torch.full_like(token_valid[:, 0], token_valid.shape[1], dtype=torch.long)
-        return token_valid.sum(-1)
 
 
 class PixelReferCrossAttention(nn.Module):

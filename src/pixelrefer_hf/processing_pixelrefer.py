@@ -17,6 +17,7 @@ from transformers.utils import TensorType
 
 from .image_processing_pixelrefer import PixelReferSample, PixelReferSampleLayout
 
+
 # A visual tag with the newline that may follow it (Lite removes both), or a region placeholder.
 _PLACEHOLDER_PATTERN = re.compile(r"(?P<tag><image>|<video>)(?P<newline>\n?)|<region>")
 
@@ -144,7 +145,7 @@ class PixelReferProcessor(ProcessorMixin):
             return BatchFeature(dict(visual_inputs), tensor_type=return_tensors)
 
         expanded, replacement_offsets = [], []
-        for i, (sample_text, sample) in enumerate(zip(texts, samples)):
+        for i, (sample_text, sample) in enumerate(zip(texts, samples, strict=True)):
             layout = layouts[i] if layouts else None
             new_text, offsets = self._expand_text(sample_text, sample, layout)
             expanded.append(new_text)
@@ -176,11 +177,9 @@ class PixelReferProcessor(ProcessorMixin):
     def _batch_size(texts: list[str] | None, images, videos) -> int:
         if texts is not None:
             return len(texts)
-        for name, value in (("images", images), ("videos", videos)):
+        for value in (images, videos):
             if value is not None:
-                if not isinstance(value, (list, tuple)):
-                    return 1
-                return len(value)
+                return len(value) if isinstance(value, (list, tuple)) else 1
         raise ValueError("give text, images or videos")
 
     @staticmethod
@@ -300,10 +299,8 @@ class PixelReferProcessor(ProcessorMixin):
         for match in _PLACEHOLDER_PATTERN.finditer(text):
             pieces.append(text[last : match.start()])
             if match.group("tag"):
-                if is_lite:
-                    replacement = ""
-                else:
-                    replacement = self._visual_tokens(layout, tag_index) + match.group("newline")
+                # Lite drops the tag and its newline: its images never reach the LLM.
+                replacement = "" if is_lite else self._visual_tokens(layout, tag_index) + match.group("newline")
                 tag_index += 1
                 kind = "video" if match.group("tag") == self.video_tag else "image"
             else:
@@ -321,7 +318,7 @@ class PixelReferProcessor(ProcessorMixin):
         if layout.is_video:
             return ",".join(
                 f"Time {timestamp:.1f}s:" + self.image_token * count
-                for timestamp, count in zip(layout.frame_timestamps, layout.visual_token_counts)
+                for timestamp, count in zip(layout.frame_timestamps, layout.visual_token_counts, strict=True)
             )
         return self.image_token * layout.visual_token_counts[index]
 
@@ -332,7 +329,9 @@ class PixelReferProcessor(ProcessorMixin):
             return "[" + "".join(self.region_token * count for count in counts) + "]"
         # Official Lite format: `round(t, 1)` without a unit.
         timestamps = layout.region_timestamps[index]
-        groups = [f"Time {round(t, 1)}:" + self.region_token * count for t, count in zip(timestamps, counts)]
+        groups = [
+            f"Time {round(t, 1)}:" + self.region_token * count for t, count in zip(timestamps, counts, strict=True)
+        ]
         return "[" + ",".join(groups) + "]"
 
     def _check_truncation(self, texts: list[str], max_length: int | None, add_special_tokens: bool) -> None:
