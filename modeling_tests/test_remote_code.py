@@ -128,3 +128,15 @@ def test_reloaded_in_process_gives_identical_logits(tmp_path):
         assert torch.equal(inputs[key], reloaded_inputs[key]), key
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+def test_importing_the_package_registers_the_auto_classes():
+    """With pixelrefer_hf imported, the Auto factories know the classes without any remote code."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    import pixelrefer_hf
+
+    config = AutoConfig.for_model("pixelrefer", variant="pixelrefer-lite")
+    assert isinstance(config, pixelrefer_hf.PixelReferConfig)
+    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+        assert auto._model_mapping[type(config)] is pixelrefer_hf.PixelReferForConditionalGeneration

@@ -38,24 +38,9 @@ from .configuration_pixelrefer import PixelReferConfig
 
 logger = logging.get_logger(__name__)
 
-# Keys of `forward` that only the first (prefill) step of `generate` needs; later steps reuse the KV cache.
-MULTIMODAL_INPUT_NAMES = (
-    "pixel_values",
-    "image_grid_thw",
-    "image_merge_sizes",
-    "image_keep_mask",
-    "region_pixel_values",
-    "region_grid_thw",
-    "region_patch_masks",
-    "region_boxes",
-    "region_image_sizes",
-    "region_local_pixel_values",
-    "region_local_grid_thw",
-    "region_local_index",
-    "region_global_pixel_values",
-    "region_global_grid_thw",
-    "region_global_index",
-)
+# `forward` arguments that only the first (prefill) step of `generate` needs, by name prefix: images, crops and
+# context images; later steps reuse the KV cache.
+MULTIMODAL_INPUT_PREFIXES = ("pixel_values", "image_", "region_")
 
 
 @dataclass
@@ -771,8 +756,8 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         # Images and regions are consumed by the prefill step; decoding steps only extend the KV cache.
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for name in MULTIMODAL_INPUT_NAMES:
-                model_inputs.pop(name, None)
+            for name in [name for name in model_inputs if name.startswith(MULTIMODAL_INPUT_PREFIXES)]:
+                del model_inputs[name]
         return model_inputs
 
 
