@@ -2,7 +2,8 @@
 
 Importing the package registers every class with the transformers Auto factories, so a saved folder loads with or
 without `trust_remote_code` while the package is installed; `save_pretrained` copies the remote-code modules and writes
-their `auto_map`, so the folder also loads where the package is not installed.
+their `auto_map`, so the folder also loads where the package is not installed. The `region-qa` pipeline is
+registered too, and saved with the model (`config.custom_pipelines`).
 """
 
 from transformers import (
@@ -13,6 +14,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_pixelrefer import PixelReferConfig
 from .image_processing_pixelrefer import PixelReferImageProcessor
@@ -23,6 +25,7 @@ from .modeling_pixelrefer import (
     PixelReferObjectTokenizer,
     PixelReferPreTrainedModel,
 )
+from .pipeline_region_qa import RegionQAPipeline
 from .processing_pixelrefer import PixelReferProcessor
 
 
@@ -40,6 +43,9 @@ PixelReferConfig.register_for_auto_class()
 PixelReferForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 PixelReferImageProcessor.register_for_auto_class("AutoImageProcessor")
 PixelReferProcessor.register_for_auto_class("AutoProcessor")
+PIPELINE_REGISTRY.register_pipeline(
+    "region-qa", pipeline_class=RegionQAPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
+)
 
 __all__ = [
     "PixelReferConfig",
@@ -50,4 +56,5 @@ __all__ = [
     "PixelReferObjectTokenizer",
     "PixelReferPreTrainedModel",
     "PixelReferProcessor",
+    "RegionQAPipeline",
 ]

@@ -21,6 +21,15 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_pixelrefer.PixelReferForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_pixelrefer.PixelReferForConditionalGeneration",
 }
+# The `region-qa` pipeline written into every saved config.json, so that `pipeline("region-qa", model=folder,
+# trust_remote_code=True)` finds it; `PixelReferPreTrainedModel.save_pretrained` copies its module next to the weights.
+CUSTOM_PIPELINES = {
+    "region-qa": {
+        "impl": "pipeline_region_qa.RegionQAPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
 KMEANS_INITS = ("linspace", "random")
 
 
@@ -143,6 +152,7 @@ class PixelReferConfig(PreTrainedConfig):
             self.legacy_local_crop_reuse = self.is_lite
         # save_pretrained merges the classes' own auto classes into this map; entries loaded from a hub config win.
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
         # Qwen2.5-1.5B ties its embeddings; the flag may only be present in the text config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

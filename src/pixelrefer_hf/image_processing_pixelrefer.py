@@ -191,10 +191,41 @@ def _is_video_like(value) -> bool:
 
 
 def _box_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Area-average resize of an `(H, W, 3)` uint8 image (PIL `BOX`, the equivalent of OpenCV `INTER_AREA`)."""
-    if image.shape[:2] == (height, width):
+    """Resize an `(H, W, 3)` uint8 image like OpenCV `INTER_AREA` (what the official Lite code calls), in float.
+
+    Shrinking along both axes (or keeping a size) averages every input pixel by the area it covers in the output
+    pixel. Otherwise OpenCV switches to a linear interpolation whose weight is the fraction of the output pixel that
+    lies past an input pixel boundary (for an integer enlargement: pixel replication except at the seams), on both
+    axes. OpenCV works in fixed point, so results may differ from it by one grey level.
+    """
+    in_height, in_width = image.shape[:2]
+    if (in_height, in_width) == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), resample=Image.Resampling.BOX))
+    shrink = in_height >= height and in_width >= width
+
+    def weights(size_in: int, size_out: int) -> np.ndarray:
+        """`(size_out, size_in)` float64 matrix mapping one axis of the input to the output."""
+        scale = size_in / size_out
+        if shrink:
+            # Output pixel o covers input interval [o * scale, (o + 1) * scale): weight = overlap with [i, i + 1).
+            edges = np.arange(size_out + 1) * scale
+            starts = np.arange(size_in)
+            overlap = np.minimum(edges[1:, None], starts[None, :] + 1) - np.maximum(edges[:-1, None], starts[None, :])
+            return np.clip(overlap, 0, None) / scale
+        outputs = np.arange(size_out)
+        source = np.floor(outputs * scale).astype(np.int64)
+        fraction = (outputs + 1) - (source + 1) / scale
+        fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction))
+        at_border = source >= size_in - 1
+        source, fraction = np.where(at_border, size_in - 1, source), np.where(at_border, 0.0, fraction)
+        matrix = np.zeros((size_out, size_in))
+        matrix[outputs, source] += 1 - fraction
+        matrix[outputs, np.minimum(source + 1, size_in - 1)] += fraction
+        return matrix
+
+    # (height, H) x (H, W, 3) x (width, W) -> (height, width, 3)
+    resized = np.einsum("oh,hwc,pw->opc", weights(in_height, height), image.astype(np.float64), weights(in_width, width))
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
 def _bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark scripts in `benchmarks/`: each runs with its `--smoke` settings so that the scripts
+cannot rot, and the numbers they report are checked for internal consistency (not for speed)."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script by name, the way `python benchmarks/<name>.py` sees its folder."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str):
+        return importlib.import_module(name)
+
+    yield load
+    for name in [name for name in sys.modules if name.startswith("bench_")]:
+        del sys.modules[name]
+
+
+def run(module, tmp_path: Path, *argv: str) -> dict:
+    """Run `module.main` with `--smoke` into `tmp_path`, leaving the global RNG as it was; returns the JSON written."""
+    with torch.random.fork_rng(devices=[]):
+        module.main(["--smoke", "--output-dir", str(tmp_path), *argv])
+    (json_file,) = tmp_path.glob("*.json")
+    assert json_file.with_suffix(".md").read_text().startswith(("Image", "SAOT", "2 questions", "TINY"))
+    return json.loads(json_file.read_text())
+
+
+def test_bench_flops_counts_match_the_processor_and_the_formula(bench, tmp_path):
+    results = run(bench("bench_flops"), tmp_path)["results"]
+    assert {(r["variant"], r["setting"]) for r in results} == {
+        (variant, setting) for variant in ("pixelrefer", "pixelrefer-lite") for setting in ("image", "video")
+    }
+    for r in results:
+        assert r["object_tokens"] == 32
+        assert (r["visual_tokens"] == 0) == (r["variant"] == "pixelrefer-lite")
+        # The MLP count is exact: three d x m matmuls per token and layer (2 FLOPs per multiply-add); smoke runs use
+        # 2 layers of the real 2B width.
+        assert r["llm_flops"]["mlp"] == 2 * 3 * 1536 * 8960 * r["llm_tokens"] * 2
+        assert r["llm_flops"]["attention"] + r["llm_flops"]["mlp"] == r["llm_flops"]["total"]
+        assert r["tower_flops"] > 0
+    by_key = {(r["variant"], r["setting"]): r for r in results}
+    for setting in ("image", "video"):
+        full, lite = by_key[("pixelrefer", setting)], by_key[("pixelrefer-lite", setting)]
+        assert lite["llm_flops"]["total"] < full["llm_flops"]["total"]
+        # Lite drops the projector (1152 x 1536 + 1536 x 1536 + biases) and adds OCI (two 4 x 1152^2 attentions,
+        # two LayerNorms).
+        projector = 1152 * 1536 + 1536 + 1536 * 1536 + 1536
+        oci = 2 * (4 * 1152 * 1152 + 4 * 1152) + 2 * 2 * 1152
+        assert lite["parameters"]["total"] - full["parameters"]["total"] == oci - projector
+
+
+def test_bench_saot_batched_equals_loop(bench, tmp_path):
+    results = run(bench("bench_saot"), tmp_path)["results"]
+    assert [r["regions"] for r in results] == [1, 3]
+    for r in results:
+        assert r["max_abs_difference"] <= 1e-4
+        assert r["regions"] <= r["object_tokens"] <= 32 * r["regions"]
+        assert r["speedup"] > 0
+
+
+def test_bench_saot_loop_reference_matches_kmeans(bench):
+    """The benchmark's per-region k-means is an independent reference of the library's batched one."""
+    from pixelrefer_hf.modeling_pixelrefer import kmeans_object_tokens
+
+    bench_saot = bench("bench_saot")
+    tokens = torch.randn(70, 16, generator=torch.Generator().manual_seed(0))
+    expected = kmeans_object_tokens(tokens[None], torch.ones(1, 70, dtype=torch.bool), 8, 5)[0]
+    torch.testing.assert_close(bench_saot.kmeans_loop(tokens, 8, 5, 1e-6), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_generate_batch_answers_like_singles(bench, tmp_path):
+    payload = run(bench("bench_generate"), tmp_path)
+    assert payload["skipped"] == []
+    results = payload["results"]
+    assert [r["variant"] for r in results] == ["pixelrefer", "pixelrefer-lite"]
+    for r in results:
+        assert r["same_answers"], f"{r['variant']}: the batch answered differently from single calls"
+        assert r["batched_peak_mib"] > 0 and r["single_peak_mib"] > 0
+        assert r["batched_tokens_per_second"] > 0
+
+
+def test_bench_gpu_smoke_runs_every_combination_on_cpu(bench, tmp_path):
+    results = run(bench("bench_gpu"), tmp_path)["results"]
+    assert {(r["variant"], r["setting"]) for r in results} == {
+        (variant, setting) for variant in ("pixelrefer", "pixelrefer-lite") for setting in ("image", "video")
+    }
+    for r in results:
+        assert r["attention"] == "sdpa"
+        assert r["tokens_per_second"] > 0 and r["prefill_seconds"] > 0

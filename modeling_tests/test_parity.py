@@ -1,0 +1,146 @@
+"""Parity with the official PixelRefer code, against golden tensors made by `fixtures/make_parity_fixtures.py`.
+
+The fixtures hold the inputs and the outputs of the official functions (crop function, region encoder with k-means and
+OCI) on synthetic frames and tiny random weights; these tests run our implementation on the same inputs, without the
+official code. See the fixture script for what exactly was computed and how.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from pixelrefer_hf import PixelReferImageProcessor, PixelReferObjectCentricInfusion, PixelReferObjectTokenizer
+from pixelrefer_hf.convert import convert_state_dict
+from pixelrefer_hf.testing import tiny_config
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+VARIANTS = ("pixelrefer", "pixelrefer-lite")
+# OpenCV's bilinear / area resize works in fixed point and rounds differently from ours (float, then rounded): the
+# crops may differ by one grey level on some pixels, never more.
+MAX_GREY_LEVEL_DIFFERENCE = 1
+
+
+def load_fixture(variant: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(FIXTURES / f"parity_{variant}.safetensors", framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata()
+
+
+def official_layout(golden: dict[str, torch.Tensor]):
+    """Frames, and our regions in the official mask order: region i is the i-th mask, on its official frame."""
+    frames = [golden["frame_0"].numpy(), golden["frame_1"].numpy()]
+    frame_ids = golden["mask_frame_ids"].tolist()
+    regions = [{frame: golden[f"mask_{i}"].numpy().astype(bool)} for i, frame in enumerate(frame_ids)]
+    return frames, regions
+
+
+def processed(variant: str, golden: dict[str, torch.Tensor], num_object_tokens: int):
+    # The default budget (8192 visual tokens) leaves every crop and context image at its official size.
+    image_processor = PixelReferImageProcessor(variant=variant, num_object_tokens=num_object_tokens)
+    frames, regions = official_layout(golden)
+    # Both frames as one video, so that the Lite per-frame local-crop cache applies as in the official code.
+    features, _ = image_processor.preprocess_multimodal(videos=[frames], regions=[regions])
+    return image_processor, features
+
+
+def split_per_image(values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    return list(values.split(grid_thw.prod(-1).tolist()))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_scale_adaptive_crops_match_the_official_crop_function(variant):
+    golden, metadata = load_fixture(variant)
+    num_crops = int(metadata["num_crops"])
+    image_processor, features = processed(variant, golden, int(metadata["num_object_tokens"]))
+    grids = features["region_grid_thw"]
+    pixel_values = split_per_image(features["region_pixel_values"], grids)
+    patch_masks = split_per_image(features["region_patch_masks"], grids)
+    assert len(grids) == num_crops
+
+    torch.testing.assert_close(features["region_boxes"], golden["boxes"], atol=1e-4, rtol=0)
+    assert torch.equal(features["region_image_sizes"], golden["image_sizes"])
+    unit = 1 / 255 / image_processor.image_std[0]  # one grey level in normalised units
+    for i in range(num_crops):
+        crop = golden[f"crop_{i}"].numpy()
+        official_mask = golden[f"patch_mask_{i}"]
+        assert grids[i].tolist() == [1, crop.shape[0] // 14, crop.shape[1] // 14], i
+        assert list(official_mask.shape) == grids[i, 1:].tolist(), i
+        # Official: PixelRefer keeps its uint8-rounded mask, Lite any patch above 0; both select patches with > 0.
+        assert torch.equal(patch_masks[i].bool(), (official_mask > 0).flatten()), i
+        expected, _, _ = image_processor._normalize_and_patchify(crop)
+        difference = (pixel_values[i] - torch.from_numpy(expected)).abs()
+        assert float(difference.max()) <= MAX_GREY_LEVEL_DIFFERENCE * unit + 1e-6, (i, float(difference.max()) / unit)
+
+
+def test_lite_context_images_match_the_official_ones_including_the_local_crop_reuse():
+    golden, metadata = load_fixture("pixelrefer-lite")
+    image_processor, features = processed("pixelrefer-lite", golden, int(metadata["num_object_tokens"]))
+    unit = 1 / 255 / image_processor.image_std[0]
+    for kind in ("local", "global"):
+        # Same sharing pattern: crop i uses our image index[i] exactly when it used the official distinct image index[i].
+        assert features[f"region_{kind}_index"].tolist() == golden[f"{kind}_index"].tolist(), kind
+        ours = split_per_image(features[f"region_{kind}_pixel_values"], features[f"region_{kind}_grid_thw"])
+        for j, values in enumerate(ours):
+            expected, _, _ = image_processor._normalize_and_patchify(golden[f"{kind}_{j}"].numpy())
+            difference = (values - torch.from_numpy(expected)).abs()
+            assert float(difference.max()) <= MAX_GREY_LEVEL_DIFFERENCE * unit + 1e-6, (kind, j)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_object_tokens_match_the_official_region_encoder(variant):
+    golden, metadata = load_fixture(variant)
+    num_crops, n = int(metadata["num_crops"]), int(metadata["num_object_tokens"])
+    config = tiny_config(variant, num_object_tokens=n, oci_num_heads=8)
+    tokenizer = PixelReferObjectTokenizer(config).eval()
+    infusion = PixelReferObjectCentricInfusion(config).eval() if variant == "pixelrefer-lite" else None
+
+    # The official weights, through the converter's key mapping.
+    official = {key.removeprefix("official_weights."): value for key, value in golden.items() if key.startswith("official_")}
+    weights, _, unmapped = convert_state_dict(official, variant)
+    assert unmapped == []
+    tokenizer.load_state_dict({k.removeprefix("model.object_tokenizer."): v for k, v in weights.items() if "object_tokenizer" in k})
+    if infusion is not None:
+        infusion.load_state_dict({k.removeprefix("model.object_infusion."): v for k, v in weights.items() if "object_infusion" in k})
+
+    grids = torch.tensor([[1, *golden[f"patch_mask_{i}"].shape] for i in range(num_crops)])
+    patch_masks = torch.cat([golden[f"patch_mask_{i}"].flatten() for i in range(num_crops)])
+    with torch.no_grad():
+        tokens, valid = tokenizer.aggregate(
+            golden["crop_features"],
+            grids,
+            patch_masks,
+            golden["boxes"],
+            golden["image_sizes"],
+            init_indices=golden["kmeans_init_indices"],
+        )
+        if infusion is not None:
+            local_length, global_length = len(golden["local_features"]) // num_crops, len(golden["global_features"]) // num_crops
+            # The official encoder gets one local and one global feature map per crop, in crop order.
+            tokens = infusion(
+                tokens,
+                golden["local_features"],
+                torch.full((num_crops,), local_length),
+                torch.arange(num_crops),
+                golden["global_features"],
+                torch.full((num_crops,), global_length),
+                torch.arange(num_crops),
+            )
+            flat = tokens.flatten(0, 1)
+        else:
+            flat = tokens[valid]
+        object_tokens = tokenizer.projector(flat)
+    assert object_tokens.shape == golden["object_tokens"].shape
+    torch.testing.assert_close(object_tokens, golden["object_tokens"], atol=1e-4, rtol=1e-4)
+
+
+def test_fixtures_record_a_kmeans_start_for_every_crop_that_needs_one():
+    """The comparison above is meaningful only if k-means really ran (more masked patches than object tokens)."""
+    for variant in VARIANTS:
+        golden, metadata = load_fixture(variant)
+        n = int(metadata["num_object_tokens"])
+        counts = [int((golden[f"patch_mask_{i}"] > 0).sum()) for i in range(int(metadata["num_crops"]))]
+        assert len(golden["kmeans_init_indices"]) == sum(count > n for count in counts) >= 4, variant
+        assert all(np.unique(row).size == n for row in golden["kmeans_init_indices"].numpy())

@@ -1,0 +1,257 @@
+"""The `pixelrefer` command: ask about regions of an image or video, describe a checkpoint, convert weights.
+
+    pixelrefer ask photo.jpg --box 40,30,200,180 "What is <region> doing?"
+    pixelrefer ask photo.jpg --point 120,80 --sam-model facebook/sam-vit-base "What is <region>?"
+    pixelrefer ask clip.mp4 --fps 2 --max-frames 16 --frame 0 --mask person.png "Where does <region> go?" --json
+    pixelrefer info path/to/checkpoint
+    pixelrefer convert ...          # see `pixelrefer convert --help`
+
+Regions (`--box`, `--mask`, `--rle`, `--point`) may be repeated; they fill the question's `<region>` placeholders in
+the order they are given. On a video every region is drawn on frame `--frame` of the decoded frames.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# The model `ask` and `info` use without `--model`. It names the tiny random model of `pixelrefer_hf.testing` until the
+# bundled demo checkpoint exists; then this constant becomes that checkpoint's folder or repo id.
+TINY_RANDOM_MODELS = {"tiny-random": "pixelrefer", "tiny-random-lite": "pixelrefer-lite"}
+DEFAULT_MODEL = "tiny-random"
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+class _AppendRegion(argparse.Action):
+    """Collect every region option into one list, in command-line order, as `(kind, text)` pairs."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        regions = list(getattr(namespace, self.dest) or [])
+        regions.append((option_string.lstrip("-"), values))
+        setattr(namespace, self.dest, regions)
+
+
+def _numbers(text: str, count: int, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise ValueError(f"--{option} {text!r}: expected {count} comma-separated numbers")
+    return values
+
+
+def parse_region(kind: str, text: str):
+    """One region option -> a region the pipeline accepts (box list, mask array, RLE dict or point prompt)."""
+    if kind == "box":
+        return _numbers(text, 4, "box")
+    if kind == "point":
+        return {"points": [_numbers(text, 2, "point")], "labels": [1]}
+    if kind == "mask":
+        try:
+            with Image.open(text) as mask:
+                # A one-channel copy: 0/255 masks and 0/1 label images both stay binary.
+                return np.array(mask.convert("L") if mask.mode not in ("1", "L", "P", "I", "F") else mask)
+        except OSError as error:
+            raise ValueError(f"--mask {text!r}: cannot read the mask image: {error}") from error
+    if kind == "rle":
+        try:
+            if os.path.isfile(text):
+                with open(text, encoding="utf-8") as file:
+                    return json.load(file)
+            return json.loads(text)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--rle: expected a COCO RLE as JSON text or a JSON file: {error}") from error
+    raise ValueError(f"unknown region option --{kind}")
+
+
+def load_model_and_processor(name: str):
+    """The model and processor of a checkpoint folder / repo id, or of a tiny random model (`tiny-random[-lite]`)."""
+    if name in TINY_RANDOM_MODELS:
+        from .testing import tiny_model_and_processor
+
+        logger.warning(
+            f"Using {name!r}, a tiny randomly initialised model: the answers are meaningless. Pass --model with a "
+            "converted or trained checkpoint for real answers."
+        )
+        return tiny_model_and_processor(TINY_RANDOM_MODELS[name])
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    print(f"Loading {name} ...", file=sys.stderr)
+    model = AutoModelForImageTextToText.from_pretrained(name, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    return model, processor
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .pipeline_region_qa import RegionQAPipeline
+    from .video_io import read_video
+
+    regions = [parse_region(kind, text) for kind, text in args.regions or []]
+    if any(kind == "point" for kind, _ in args.regions or []) and not args.sam_model:
+        raise ValueError(
+            "--point needs --sam-model (a SAM checkpoint folder or repo id, e.g. facebook/sam-vit-base) to turn the "
+            "click into a mask; or give the region with --box, --mask or --rle"
+        )
+    is_video = args.media.lower().endswith(VIDEO_EXTENSIONS)
+    item = {"question": args.question}
+    if is_video:
+        decoded = read_video(args.media, fps=args.fps, max_frames=args.max_frames, show_progress=True)
+        item.update(video=decoded.frames, video_timestamps=decoded.timestamps)
+        item["regions"] = [{args.frame: region} for region in regions]
+    else:
+        item.update(image=args.media, regions=regions)
+
+    model, processor = load_model_and_processor(args.model)
+    pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa", device=args.device)
+    options = {"max_new_tokens": args.max_new_tokens, "box_to_mask": args.box_to_mask}
+    if args.sam_model:
+        options["sam_model"] = args.sam_model
+    result = pipe(item, **options)
+    if args.json:
+        print(json.dumps({"question": args.question, "answer": result["answer"], "model": args.model}))
+    else:
+        print(result["answer"])
+    return 0
+
+
+def describe_model(model) -> dict:
+    """Variant, sizes, token budget and attention implementation of a PixelRefer model, as a JSON-able dict."""
+    config = model.config
+    parts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.model.named_children()}
+    parts["lm_head"] = 0 if config.tie_word_embeddings else model.lm_head.weight.numel()
+    text, vision = config.text_config, config.vision_config
+    return {
+        "variant": config.variant,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_by_part": parts,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "language_model": {
+            "layers": text.num_hidden_layers,
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "attention_heads": text.num_attention_heads,
+            "key_value_heads": text.num_key_value_heads,
+            "vocab_size": text.vocab_size,
+        },
+        "vision_tower": {
+            "layers": vision.num_hidden_layers,
+            "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size,
+            "attention_heads": vision.num_attention_heads,
+            "patch_size": vision.patch_size,
+        },
+        "token_budget": {
+            "num_object_tokens": config.num_object_tokens,
+            "max_visual_tokens": config.max_visual_tokens,
+            "max_object_patches": config.max_object_patches,
+        },
+        "attn_implementation": config._attn_implementation,
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    model, _ = load_model_and_processor(args.model)
+    info = {"model": args.model, **describe_model(model)}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    lm, tower, budget = info["language_model"], info["vision_tower"], info["token_budget"]
+    parts = ", ".join(f"{name} {count:,}" for name, count in info["parameters_by_part"].items())
+    print(f"model:        {info['model']}")
+    print(f"variant:      {info['variant']}")
+    print(f"parameters:   {info['parameters']:,} ({parts}), {info['dtype']}")
+    print(
+        f"LLM:          {lm['layers']} layers, width {lm['hidden_size']}, MLP {lm['intermediate_size']}, "
+        f"{lm['attention_heads']} heads ({lm['key_value_heads']} KV), vocab {lm['vocab_size']:,}"
+    )
+    print(
+        f"vision tower: {tower['layers']} layers, width {tower['hidden_size']}, MLP {tower['intermediate_size']}, "
+        f"{tower['attention_heads']} heads, patch {tower['patch_size']}"
+    )
+    print(
+        f"tokens:       {budget['num_object_tokens']} per object, {budget['max_visual_tokens']} visual tokens per "
+        f"sample, objects downscaled above {budget['max_object_patches']} patches"
+    )
+    print(f"attention:    {info['attn_implementation']}")
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    try:
+        from . import convert
+    except ImportError as error:
+        raise ValueError(f"`pixelrefer convert` is not available in this installation ({error})") from error
+    status = convert.main(argv)
+    return 0 if status is None else int(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixelrefer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ask = commands.add_parser("ask", help="ask a question about regions of an image or a video file")
+    ask.add_argument("media", help="image or video file")
+    ask.add_argument("question", help="the question, with one <region> per region option")
+    region_help = "repeatable; regions fill the <region> placeholders in the order given"
+    for option, metavar, what in (
+        ("--box", "X0,Y0,X1,Y1", "a box in pixels"),
+        ("--mask", "FILE", "a binary mask image"),
+        ("--rle", "JSON", "a COCO RLE (JSON text or file)"),
+        ("--point", "X,Y", "a click on the object (needs --sam-model)"),
+    ):
+        ask.add_argument(option, dest="regions", action=_AppendRegion, metavar=metavar, help=f"{what}; {region_help}")
+    ask.add_argument(
+        "--sam-model", help="SAM checkpoint (folder or repo id) that turns --point, and boxes with --box-to-mask sam, "
+        "into masks"
+    )
+    ask.add_argument(
+        "--box-to-mask", choices=["box", "sam"], default="box",
+        help="give boxes to PixelRefer as they are (default), or segment the object inside them with SAM first",
+    )
+    ask.add_argument("--frame", type=int, default=0, help="video: decoded frame the regions are drawn on (default 0)")
+    ask.add_argument("--fps", type=float, default=1.0, help="video: frames sampled per second (default 1)")
+    ask.add_argument("--max-frames", type=int, default=32, help="video: at most this many frames (default 32)")
+    ask.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    ask.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or repo id (default {DEFAULT_MODEL!r})")
+    ask.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    ask.add_argument("--json", action="store_true", help="print a JSON object instead of the bare answer")
+    ask.set_defaults(handler=_ask)
+
+    info = commands.add_parser("info", help="describe a checkpoint: variant, sizes, token budget, attention")
+    info.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help=f"checkpoint folder or repo id (default {DEFAULT_MODEL!r})"
+    )
+    info.add_argument("--json", action="store_true", help="print a JSON object")
+    info.set_defaults(handler=_info)
+
+    # Listed for `pixelrefer --help` only: `main` hands everything after `convert` to `pixelrefer_hf.convert.main`.
+    commands.add_parser("convert", help="convert released PixelRefer weights (see `pixelrefer convert --help`)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: `sys.argv[1:]`); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["convert"]:
+            return _convert(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except (ValueError, ImportError) as error:
+        print(f"pixelrefer {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
