@@ -162,8 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are emulated on most CPUs)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, batch 2, 2 new tokens, one run (CI)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.sizes, args.batch_size, args.new_tokens, args.repeats = "tiny", 2, 2, 1
     device = "cuda" if torch.cuda.is_available() else "cpu"

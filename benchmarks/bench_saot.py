@@ -107,8 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--regions", default="1,16,64", help="comma-separated numbers of regions")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, interleaved (fastest reported)")
     parser.add_argument("--smoke", action="store_true", help="regions 1,3 and one repeat (CI)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.regions, args.repeats = "1,3", 1
 

@@ -14,9 +14,11 @@ an official annotation JSON with its media next to it):
         --output_dir runs/lora --bf16 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 \
         --learning_rate 2e-4 --num_train_epochs 1
 
-On several GPUs or processes (see examples/accelerate/README.md); the CPU smoke test of this repository runs:
+On several GPUs (see examples/accelerate/README.md), and as the test suite runs it, on two CPU processes (gloo):
 
-    accelerate launch --num_processes 2 --cpu examples/finetune_lora.py --output_dir runs/lora-ddp --max_steps 2
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune_lora.py --output_dir runs/lora --bf16
+    accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2 --mixed_precision no \
+        examples/finetune_lora.py --output_dir runs/lora-ddp --use_cpu --max_steps 2
 
 LoRA adapters go on the attention and MLP projections of the language model only (a regex on `language_model`, so the
 vision tower's identically named projections stay frozen); the object tokenizer (SAOT), OCI (Lite) and the global

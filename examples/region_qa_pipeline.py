@@ -1,9 +1,9 @@
 """Ask about regions of an image with `pipeline("region-qa")`: one question, a batch, every kind of region.
 
-    python examples/region_qa_pipeline.py                               # tiny random model: offline, answers are noise
-    python examples/region_qa_pipeline.py --model PATH_OR_REPO          # a converted or trained checkpoint
-    python examples/region_qa_pipeline.py --image photo.jpg --box 40,30,200,180 --question "What is <region>?"
-    python examples/region_qa_pipeline.py --sam-model facebook/sam-vit-base --point 60,60   # a click, through SAM
+python examples/region_qa_pipeline.py                               # tiny random model: offline, answers are noise
+python examples/region_qa_pipeline.py --model PATH_OR_REPO          # a converted or trained checkpoint
+python examples/region_qa_pipeline.py --image photo.jpg --box 40,30,200,180 --question "What is <region>?"
+python examples/region_qa_pipeline.py --sam-model facebook/sam-vit-base --point 60,60   # a click, through SAM
 """
 
 import argparse
@@ -66,7 +66,7 @@ def main() -> None:
         # A bad item: two placeholders, one region. With skip_bad_items it gets an error, the others still run.
         {"image": image, "regions": [disc], "question": "Is <region> left of <region>?"},
     ]
-    for item, result in zip(items, pipe(items, batch_size=2, skip_bad_items=True, **options)):
+    for item, result in zip(items, pipe(items, batch_size=2, skip_bad_items=True, **options), strict=True):
         print(f"{item['question']!r:40} -> {result}")
 
     if args.point:
@@ -74,8 +74,10 @@ def main() -> None:
             parser.error("--point needs --sam-model")
         x, y = (float(v) for v in args.point.split(","))
         click = {"points": [[x, y]], "labels": [1]}
-        print("click:", pipe(image=image, regions=[click], question="What is <region>?", sam_model=args.sam_model,
-                             **options))
+        print(
+            "click:",
+            pipe(image=image, regions=[click], question="What is <region>?", sam_model=args.sam_model, **options),
+        )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,14 @@ def main() -> None:
         box = [float(v) for v in args.box.split(",")]
 
         # 1. The pipeline decodes the file itself; the region is given on frame 0.
-        result = pipe(video=path, regions=[{0: box}], question="What is <region> doing?", fps=args.fps,
-                      max_frames=args.max_frames, **options)
+        result = pipe(
+            video=path,
+            regions=[{0: box}],
+            question="What is <region> doing?",
+            fps=args.fps,
+            max_frames=args.max_frames,
+            **options,
+        )
         print("from the file:", result)
 
         # 2. Decode once, then ask several questions; the object is annotated on the first and the last frame
@@ -88,7 +94,7 @@ def main() -> None:
             {**common, "regions": [{0: box}], "question": "Describe <region>."},
             {**common, "regions": [{0: box, last: last_box}], "question": "Where does <region> move?"},
         ]
-        for item, answer in zip(items, pipe(items, batch_size=2, **options)):
+        for item, answer in zip(items, pipe(items, batch_size=2, **options), strict=True):
             print(f"{item['question']!r} -> {answer}")
 
 

@@ -92,7 +92,9 @@ class StageTrainer(SFTTrainer):
 def main(stage_args: StageArguments, training_args: SFTConfig) -> None:
     if stage_args.stage not in OBJECT_LEARNING_RATES:
         raise ValueError(f"--stage must be 1 or 2, got {stage_args.stage}")
-    object_lr = stage_args.object_learning_rate or OBJECT_LEARNING_RATES[stage_args.stage]
+    object_lr = stage_args.object_learning_rate
+    if object_lr is None:
+        object_lr = OBJECT_LEARNING_RATES[stage_args.stage]
 
     # Model
     if stage_args.model_name_or_path is None:

@@ -9,6 +9,7 @@ import types
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pixelrefer_hf import RegionQAPipeline, cli
@@ -17,6 +18,16 @@ from pixelrefer_hf.testing import tiny_model_and_processor
 
 
 HEIGHT, WIDTH = 40, 56
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny models are far faster on one thread when the test machine's cores are shared (OpenMP threads spin
+    while waiting for a busy core); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,20 @@ def test_ask_image_with_regions_in_order_matches_the_pipeline(files, capsys, cap
     folder = files["folder"]
     question = "Compare <region>, <region> and <region>."
     status, out, err = run_cli(
-        ["ask", folder / "picture.png", "--box", "4,6,30,20", "--mask", folder / "mask.png", "--rle",
-         folder / "rle.json", question, "--json", "--max-new-tokens", "5"],
+        [
+            "ask",
+            folder / "picture.png",
+            "--box",
+            "4,6,30,20",
+            "--mask",
+            folder / "mask.png",
+            "--rle",
+            folder / "rle.json",
+            question,
+            "--json",
+            "--max-new-tokens",
+            "5",
+        ],
         capsys,
     )
     assert status == 0, err
@@ -60,17 +83,32 @@ def test_ask_image_with_regions_in_order_matches_the_pipeline(files, capsys, cap
     model, processor = tiny_model_and_processor("pixelrefer")
     pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa")
     expected = pipe(
-        image=files["picture"], regions=[[4, 6, 30, 20], files["mask"], files["mask"]], question=question,
+        image=files["picture"],
+        regions=[[4, 6, 30, 20], files["mask"], files["mask"]],
+        question=question,
         max_new_tokens=5,
     )
     assert result == {"question": question, "answer": expected["answer"], "model": cli.DEFAULT_MODEL}
     swapped = pipe(
-        image=files["picture"], regions=[files["mask"], [4, 6, 30, 20], files["mask"]], question=question,
+        image=files["picture"],
+        regions=[files["mask"], [4, 6, 30, 20], files["mask"]],
+        question=question,
         max_new_tokens=5,
     )
     status, out, _ = run_cli(
-        ["ask", folder / "picture.png", "--mask", folder / "mask.png", "--box", "4,6,30,20", "--rle",
-         json.dumps(rle_encode(files["mask"])), question, "--max-new-tokens", "5"],
+        [
+            "ask",
+            folder / "picture.png",
+            "--mask",
+            folder / "mask.png",
+            "--box",
+            "4,6,30,20",
+            "--rle",
+            json.dumps(rle_encode(files["mask"])),
+            question,
+            "--max-new-tokens",
+            "5",
+        ],
         capsys,
     )
     assert status == 0 and out.strip() == swapped["answer"]
@@ -78,16 +116,41 @@ def test_ask_image_with_regions_in_order_matches_the_pipeline(files, capsys, cap
 
 def test_ask_video_file(files, capsys):
     status, out, err = run_cli(
-        ["ask", files["folder"] / "clip.mp4", "--frame", "1", "--box", "5,5,40,30", "Where does <region> go?",
-         "--fps", "2", "--max-frames", "3", "--json", "--max-new-tokens", "4"],
+        [
+            "ask",
+            files["folder"] / "clip.mp4",
+            "--frame",
+            "1",
+            "--box",
+            "5,5,40,30",
+            "Where does <region> go?",
+            "--fps",
+            "2",
+            "--max-frames",
+            "3",
+            "--json",
+            "--max-new-tokens",
+            "4",
+        ],
         capsys,
     )
     assert status == 0, err
     assert isinstance(json.loads(out)["answer"], str)
     assert "Decoding video" in err
     status, _, err = run_cli(
-        ["ask", files["folder"] / "clip.mp4", "--frame", "5", "--box", "5,5,40,30", "<region>?", "--fps", "2",
-         "--max-frames", "3"],
+        [
+            "ask",
+            files["folder"] / "clip.mp4",
+            "--frame",
+            "5",
+            "--box",
+            "5,5,40,30",
+            "<region>?",
+            "--fps",
+            "2",
+            "--max-frames",
+            "3",
+        ],
         capsys,
     )
     assert status == 2 and "frame index 5 is out of range for a video with 3 frames" in err
@@ -152,11 +215,25 @@ def test_convert_dispatches_to_the_convert_module(monkeypatch, capsys):
 
 def test_installed_command_runs_as_a_subprocess(files):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     run = subprocess.run(
-        [sys.executable, "-m", "pixelrefer_hf.cli", "ask", str(files["folder"] / "picture.png"), "--box", "4,6,30,20",
-         "What is <region>?", "--json", "--max-new-tokens", "3"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pixelrefer_hf.cli",
+            "ask",
+            str(files["folder"] / "picture.png"),
+            "--box",
+            "4,6,30,20",
+            "What is <region>?",
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(json.loads(run.stdout)) == {"question", "answer", "model"}
@@ -178,7 +255,7 @@ def test_examples_run_on_the_tiny_model():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     scripts = [os.path.join(root, "examples", name) for name in EXAMPLES]
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     run = subprocess.run(
         [sys.executable, "-c", RUN_EXAMPLES, *scripts], env=env, capture_output=True, text=True, timeout=300
     )

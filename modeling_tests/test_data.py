@@ -8,9 +8,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from datasets import load_dataset, load_from_disk
 from PIL import Image
 
+from pixelrefer_hf.collator import PixelReferDataCollator
 from pixelrefer_hf.data import (
     build_region_chat_dataset,
     load_official_annotations,
@@ -20,6 +22,7 @@ from pixelrefer_hf.data import (
     row_regions,
 )
 from pixelrefer_hf.region_utils import polygons_to_mask, rle_decode, rle_encode
+from pixelrefer_hf.testing import tiny_model_and_processor
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -264,3 +267,15 @@ def test_skip_bad_official_samples_counts_them(tmp_path, caplog):
         logger.removeHandler(caplog.handler)
     assert dataset["id"] == ["0", str(len(BAD_SAMPLES) + 1)]
     assert f"skipped {len(BAD_SAMPLES)} of {len(BAD_SAMPLES) + 2} samples" in caplog.text
+
+
+@pytest.mark.parametrize("variant", ["pixelrefer", "pixelrefer-lite"])
+def test_converted_official_rows_train(official, variant):
+    """Every converted form (image RLE / polygons, frame list, decoded video file) collates and runs in the model."""
+    model, processor = tiny_model_and_processor(variant)
+    dataset = load_official_annotations(official[0])
+    batch = PixelReferDataCollator(processor)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+    assert output.object_hidden_states.shape[0] == int((batch["input_ids"] == processor.region_token_id).sum())

@@ -313,7 +313,7 @@ def test_stage_trainer_learning_rates(tmp_path, variant, stage, object_lr):
     model, processor = tiny_model_and_processor(variant)
     model.model.vision_model.requires_grad_(False)
     args = SFTConfig(**{**example.default_training_arguments(), "bf16": False, "use_cpu": True, "max_steps": 1,
-                        "disable_tqdm": True, "output_dir": str(tmp_path)})
+                        "warmup_steps": 0, "disable_tqdm": True, "output_dir": str(tmp_path)})
     trainer = example.StageTrainer(
         model=model,
         args=args,

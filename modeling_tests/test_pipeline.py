@@ -23,6 +23,16 @@ QUESTION = "What is <region>?"
 MAX_NEW_TOKENS = 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny models are far faster on one thread when the test machine's cores are shared (OpenMP threads spin
+    while waiting for a busy core); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_image(seed: int = 0, size: tuple[int, int] = (56, 72)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
 
@@ -96,11 +106,19 @@ def test_image_as_path_pil_and_array_give_the_same_answer(pipe, tmp_path):
 def test_list_is_answered_in_real_left_padded_batches(pipe, monkeypatch):
     batch_size = 2
     image, mask = make_image(2), disc_mask()
-    questions = ["What is <region>?", "Describe <region> in detail please.", "Compare <region> and <region>.",
-                 "Color of <region>?", "Where is <region> in the picture, and what is next to it?"]
+    questions = [
+        "What is <region>?",
+        "Describe <region> in detail please.",
+        "Compare <region> and <region>.",
+        "Color of <region>?",
+        "Where is <region> in the picture, and what is next to it?",
+    ]
     items = [
-        {"image": image, "regions": [mask] * q.count("<region>") if i % 2 else [[4, 4, 40, 30]] * q.count("<region>"),
-         "question": q}
+        {
+            "image": image,
+            "regions": [mask] * q.count("<region>") if i % 2 else [[4, 4, 40, 30]] * q.count("<region>"),
+            "question": q,
+        }
         for i, q in enumerate(questions)
     ]
     one_by_one = [pipe(item) for item in items]
@@ -261,7 +279,9 @@ def test_fresh_process_without_the_package_runs_the_saved_pipeline_offline(model
     )
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+    )
     run = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

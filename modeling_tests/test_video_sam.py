@@ -17,6 +17,16 @@ HEIGHT, WIDTH = 48, 64
 QUESTION = "What is <region>?"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny models are far faster on one thread when the test machine's cores are shared (OpenMP threads spin
+    while waiting for a busy core); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_video(path, num_frames: int = 20, fps: int = 10) -> None:
     """A `num_frames` mpeg4 video whose frame i is uniformly red with value 12 * i (an AVI with 0 frames still has
     its video stream; an mp4 without packets has none)."""
@@ -45,13 +55,23 @@ def sam_dir(tmp_path_factory):
     """A tiny random SAM (64 px input) saved with a PIL image processor, like a hub checkpoint."""
     config = SamConfig(
         vision_config={
-            "hidden_size": 32, "output_channels": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "image_size": 64, "patch_size": 8, "mlp_dim": 64, "global_attn_indexes": [1], "window_size": 4,
+            "hidden_size": 32,
+            "output_channels": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 8,
+            "mlp_dim": 64,
+            "global_attn_indexes": [1],
+            "window_size": 4,
             "num_pos_feats": 8,
         },
         prompt_encoder_config={"hidden_size": 16, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
         mask_decoder_config={
-            "hidden_size": 16, "mlp_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "hidden_size": 16,
+            "mlp_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
             "iou_head_hidden_dim": 16,
         },
     )
@@ -59,8 +79,10 @@ def sam_dir(tmp_path_factory):
         torch.manual_seed(0)
         model = SamModel(config).eval()
     image_processor = SamImageProcessorPil(
-        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
-        mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16},
+        size={"longest_edge": 64},
+        pad_size={"height": 64, "width": 64},
+        mask_size={"longest_edge": 16},
+        mask_pad_size={"height": 16, "width": 16},
     )
     folder = tmp_path_factory.mktemp("sam")
     model.save_pretrained(folder)
@@ -70,7 +92,7 @@ def sam_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe():
-    model, processor = tiny_model_and_processor("pixelrefer-lite", seed=4)
+    model, processor = tiny_model_and_processor("pixelrefer", seed=4)
     return RegionQAPipeline(model=model, processor=processor, task="region-qa", max_new_tokens=4)
 
 
@@ -163,8 +185,10 @@ def test_sam_predictor_matches_a_direct_sam_call(sam_dir):
     inputs = processor(images=picture, input_points=[[[[20.0, 30.0]]]], input_labels=[[[1]]], return_tensors="pt")
     with torch.no_grad():
         outputs = model(
-            pixel_values=inputs["pixel_values"], input_points=inputs["input_points"],
-            input_labels=inputs["input_labels"], multimask_output=True,
+            pixel_values=inputs["pixel_values"],
+            input_points=inputs["input_points"],
+            input_labels=inputs["input_labels"],
+            multimask_output=True,
         )
     masks = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
     expected = masks[0][0, int(outputs.iou_scores[0, 0].argmax())].numpy()
@@ -190,9 +214,7 @@ def test_pipeline_turns_points_and_boxes_into_sam_masks(pipe, sam_dir):
     assert not np.array_equal(segmented, plain)
 
     video = [image(3), picture]
-    prepared = pipe.preprocess(
-        {"video": video, "regions": [{1: point}], "question": QUESTION}, sam_model=sam_dir
-    )
+    prepared = pipe.preprocess({"video": video, "regions": [{1: point}], "question": QUESTION}, sam_model=sam_dir)
     np.testing.assert_array_equal(prepared["regions"][0][1], expected)
 
 

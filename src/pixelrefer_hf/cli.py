@@ -212,11 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         ask.add_argument(option, dest="regions", action=_AppendRegion, metavar=metavar, help=f"{what}; {region_help}")
     ask.add_argument(
-        "--sam-model", help="SAM checkpoint (folder or repo id) that turns --point, and boxes with --box-to-mask sam, "
-        "into masks"
+        "--sam-model",
+        help="SAM checkpoint (folder or repo id) that turns --point, and boxes with --box-to-mask sam, into masks",
     )
     ask.add_argument(
-        "--box-to-mask", choices=["box", "sam"], default="box",
+        "--box-to-mask",
+        choices=["box", "sam"],
+        default="box",
         help="give boxes to PixelRefer as they are (default), or segment the object inside them with SAM first",
     )
     ask.add_argument("--frame", type=int, default=0, help="video: decoded frame the regions are drawn on (default 0)")

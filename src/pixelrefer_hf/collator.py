@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging
 
-from .data import IMAGE_TAG, REGION_PLACEHOLDER, VIDEO_TAG, load_image, row_regions
+from .data import IMAGE_TAG, REGION_PLACEHOLDER, ROLES, VIDEO_TAG, load_image, row_regions
 
 
 logger = logging.get_logger(__name__)
@@ -139,7 +139,7 @@ class PixelReferDataCollator:
         conversation = []
         for k, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            if role not in ROLES or not isinstance(content, str):
                 raise ValueError(f"turn {k} must have a role system / user / assistant and a string content")
             if role == "assistant" and (REGION_PLACEHOLDER in content or _TAG_PATTERN.search(content)):
                 raise ValueError(f"turn {k}: an assistant answer cannot hold {REGION_PLACEHOLDER} or visual tags")

@@ -50,7 +50,7 @@ IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 # Official `from` values -> chat roles.
 _OFFICIAL_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")
 
 
 def region_chat_features(decode_images: bool = False) -> Features:
@@ -196,8 +196,8 @@ def synthetic_region_chat_dataset(
     """
     rng = np.random.default_rng(seed)
     height, width = image_size
-    rows_ = np.arange(height)[:, None]
-    cols = np.arange(width)[None, :]
+    row_index = np.arange(height)[:, None]
+    col_index = np.arange(width)[None, :]
     rows = []
     for index in range(num_samples):
         image = rng.integers(100, 156, size=(height, width, 3), dtype=np.uint8)
@@ -211,10 +211,10 @@ def synthetic_region_chat_dataset(
             top = int(rng.integers(0, height - side + 1))
             left = k * (width // 2) + int(rng.integers(0, width // 2 - side + 1))
             if shape == "square":
-                mask = (rows_ >= top) & (rows_ < top + side) & (cols >= left) & (cols < left + side)
+                mask = (row_index >= top) & (row_index < top + side) & (col_index >= left) & (col_index < left + side)
             else:
                 centre_row, centre_col, radius = top + side / 2, left + side / 2, side / 2
-                mask = (rows_ + 0.5 - centre_row) ** 2 + (cols + 0.5 - centre_col) ** 2 <= radius**2
+                mask = (row_index + 0.5 - centre_row) ** 2 + (col_index + 0.5 - centre_col) ** 2 <= radius**2
             image[mask] = _SYNTHETIC_COLOURS[colour]
             masks.append(mask)
             names.append(f"a {colour} {shape}")

@@ -66,8 +66,7 @@ def parse_point_region(region: dict, image_size: tuple[int, int], where: str) ->
         not isinstance(points, (list, tuple))
         or not points
         or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, numbers.Real) for v in p)
-            for p in points
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, numbers.Real) for v in p) for p in points
         )
     ):
         raise ValueError(f"{where}: 'points' must be a non-empty list of [x, y] pairs, got {points!r}")
@@ -76,16 +75,15 @@ def parse_point_region(region: dict, image_size: tuple[int, int], where: str) ->
     for x, y in points:
         if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < width and 0 <= y < height):
             raise ValueError(
-                f"{where}: point {[x, y]} is outside the {height}x{width} image (need 0 <= x < {width}, 0 <= y < {height})"
+                f"{where}: point {[x, y]} is outside the {height}x{width} image "
+                f"(need 0 <= x < {width} and 0 <= y < {height})"
             )
         parsed_points.append([float(x), float(y)])
     labels = region.get("labels", [1] * len(points))
     if isinstance(labels, np.ndarray):
         labels = labels.tolist()
     if not isinstance(labels, (list, tuple)) or len(labels) != len(points) or any(v not in (0, 1) for v in labels):
-        raise ValueError(
-            f"{where}: 'labels' must hold one 0 or 1 per point ({len(points)} points), got {labels!r}"
-        )
+        raise ValueError(f"{where}: 'labels' must hold one 0 or 1 per point ({len(points)} points), got {labels!r}")
     if 1 not in labels:
         raise ValueError(f"{where}: at least one point must be on the object (label 1)")
     box = region.get("box")
