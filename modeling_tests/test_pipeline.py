@@ -221,9 +221,9 @@ def test_call_arguments_are_checked(pipe):
         pipe(video=[make_image()], regions=[{0: [0, 0, 5, 5]}], question=QUESTION, propagate_regions=True)
 
 
-def test_saved_model_writes_the_pipeline_entry_and_its_module(model_and_processor, tmp_path):
-    model, processor = model_and_processor
-    model.save_pretrained(tmp_path)
+@pytest.mark.parametrize("saved_by", ["model", "pipeline"])
+def test_saving_writes_the_pipeline_entry_and_its_module(pipe, saved_by, tmp_path):
+    (pipe.model if saved_by == "model" else pipe).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["custom_pipelines"] == {
         "region-qa": {
@@ -234,6 +234,7 @@ def test_saved_model_writes_the_pipeline_entry_and_its_module(model_and_processo
     }
     saved = set(os.listdir(tmp_path))
     assert {"pipeline_region_qa.py", "sam_utils.py", "video_io.py", "region_utils.py"} <= saved
+    assert ("processor_config.json" in saved) == (saved_by == "pipeline")
 
 
 CHILD = textwrap.dedent(

@@ -74,7 +74,7 @@ class PixelReferDataCollator:
         for position, row in enumerate(rows):
             name = self._name(row, position)
             try:
-                prepared.append(self._prepare(row, name))
+                prepared.append({"name": name, **self._prepare(row)})
             except ValueError as error:
                 self._fail(failures, name, str(error))
 
@@ -116,7 +116,7 @@ class PixelReferDataCollator:
             raise ValueError(f"{name}: {reason}")
         failures.append((name, reason))
 
-    def _prepare(self, row: dict, name: str) -> dict:
+    def _prepare(self, row: dict) -> dict:
         """Validate one row and build its chat-template conversation (media in content blocks) and regions."""
         if not isinstance(row, dict):
             raise ValueError(f"a row must be a dict, got {type(row).__name__}")
@@ -167,7 +167,7 @@ class PixelReferDataCollator:
                 raise ValueError("the row has media but no user turn to attach it to")
             first_user["content"].insert(0, media)
         timestamps = [float(t) for t in row.get("timestamps") or []] if frames else None
-        return {"name": name, "conversation": conversation, "regions": regions, "timestamps": timestamps}
+        return {"conversation": conversation, "regions": regions, "timestamps": timestamps}
 
     def _encode(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         """Run the processor on prepared rows and build `labels` from the chat template's assistant mask."""

@@ -212,10 +212,13 @@ def _box_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
             starts = np.arange(size_in)
             overlap = np.minimum(edges[1:, None], starts[None, :] + 1) - np.maximum(edges[:-1, None], starts[None, :])
             return np.clip(overlap, 0, None) / scale
+        # OpenCV's exact arithmetic (scale as the reciprocal of out/in, the fraction in float32): at the seams, where
+        # `outputs * scale` is an integer, another rounding picks the neighbouring source pixel.
+        inverse = size_out / size_in
         outputs = np.arange(size_out)
-        source = np.floor(outputs * scale).astype(np.int64)
-        fraction = (outputs + 1) - (source + 1) / scale
-        fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction))
+        source = np.floor(outputs * (1.0 / inverse)).astype(np.int64)
+        fraction = ((outputs + 1) - (source + 1) * inverse).astype(np.float32)
+        fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction)).astype(np.float64)
         at_border = source >= size_in - 1
         source, fraction = np.where(at_border, size_in - 1, source), np.where(at_border, 0.0, fraction)
         matrix = np.zeros((size_out, size_in))
@@ -223,8 +226,9 @@ def _box_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
         matrix[outputs, np.minimum(source + 1, size_in - 1)] += fraction
         return matrix
 
-    # (height, H) x (H, W, 3) x (width, W) -> (height, width, 3)
-    resized = np.einsum("oh,hwc,pw->opc", weights(in_height, height), image.astype(np.float64), weights(in_width, width))
+    # Rows then columns, two matrix products: (height, H) @ (H, W * 3) -> (height, W, 3); then (width, W) on axis 1.
+    rows = (weights(in_height, height) @ image.astype(np.float64).reshape(in_height, -1)).reshape(height, in_width, -1)
+    resized = np.einsum("pw,owc->opc", weights(in_width, width), rows, optimize=True)
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 

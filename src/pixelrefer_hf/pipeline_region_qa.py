@@ -105,6 +105,13 @@ class RegionQAPipeline(Pipeline):
         if self.model.can_generate() and self.processor.tokenizer.pad_token_id is not None:
             self._generation_defaults.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save the model (with this pipeline's code, see `config.custom_pipelines`) and the processor, so that
+        `pipeline("region-qa", model=save_directory, trust_remote_code=True)` rebuilds this pipeline. The base class
+        would save the tokenizer and image processor but not the processor that this pipeline needs."""
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory, **kwargs)
+
     # ------------------------------------------------------------------------------------------------------------
     # Arguments
     # ------------------------------------------------------------------------------------------------------------
