@@ -58,6 +58,8 @@ PAPER = {  # Tables 5-6 of the paper (landscape.md): LLM TFLOPs (FastV conventio
 }
 TARGETS = {("7b", "image"): 0.03, ("2b", "video"): 0.015}
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
+# Patch grids of everything the tower encodes: global images / frames, object crops, Lite's context images.
+GRID_KEYS = ("image_grid_thw", "region_grid_thw", "region_local_grid_thw", "region_global_grid_thw")
 
 
 class QwenTextCounter:
@@ -134,7 +136,7 @@ def llm_flops(language_model: torch.nn.Module, hidden_size: int, length: int) ->
     return {"attention": attention, "mlp": mlp, "total": counter.get_total_flops()}
 
 
-def fastv_flops(text_config, length: int) -> float:
+def fastv_macs(text_config, length: int) -> float:
     """The paper's FastV-style count (multiply-adds): `n (4 d^2 + 2 d m) + 2 n^2 d` per layer."""
     d, m = text_config.hidden_size, text_config.intermediate_size
     return text_config.num_hidden_layers * (length * (4 * d * d + 2 * d * m) + 2 * length * length * d)
@@ -143,13 +145,12 @@ def fastv_flops(text_config, length: int) -> float:
 def tower_flops(vision_model: torch.nn.Module, inputs) -> int:
     """FLOPs of the vision tower on every image the model encodes for `inputs` (one packed call, as the model)."""
     grids, merges = [], []
-    if "image_grid_thw" in inputs:
-        grids.append(inputs["image_grid_thw"])
-        merges.append(inputs["image_merge_sizes"])
-    for key in ("region_grid_thw", "region_local_grid_thw", "region_global_grid_thw"):
+    for key in GRID_KEYS:
         if key in inputs:
             grids.append(inputs[key])
-            merges.append(torch.ones_like(inputs[key][:, 0]))
+            # Crops and context images are encoded unmerged; global images / frames carry their merge sizes.
+            unmerged = torch.ones_like(inputs[key][:, 0])
+            merges.append(inputs["image_merge_sizes"] if key == "image_grid_thw" else unmerged)
     grid, merge = torch.cat(grids), torch.cat(merges)
     lengths = grid.prod(-1)
     num_patches = int(lengths.sum())
@@ -203,9 +204,14 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for size in sizes:
         for variant in VARIANTS:
-            config = real_config(size, variant, num_layers=2 if args.smoke else None, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                                 region_token_id=tokenizer.convert_tokens_to_ids("<REGION>"))
-            config._attn_implementation = "sdpa"
+            config = real_config(
+                size,
+                variant,
+                num_layers=2 if args.smoke else None,
+                attn_implementation="sdpa",
+                image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                region_token_id=tokenizer.convert_tokens_to_ids("<REGION>"),
+            )
             with torch.device("meta"):
                 model = PixelReferForConditionalGeneration(config)
             processor = processor_for_config(config, tokenizer)
@@ -224,9 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "llm_tokens": length,
                     "llm_flops": llm_flops(model.model.language_model, hidden, length),
                     "llm_flops_media_only": llm_flops(model.model.language_model, hidden, media_length)["total"],
-                    "fastv_macs_media_only": fastv_flops(config.text_config, media_length),
+                    "fastv_macs_media_only": fastv_macs(config.text_config, media_length),
                     "tower_flops": tower_flops(model.model.vision_model, inputs),
-                    "tower_patches": int(sum(inputs[k][:, 1:].prod(-1).sum() for k in inputs if k.endswith("grid_thw"))),
+                    "tower_patches": sum(int(inputs[key][:, 1:].prod(-1).sum()) for key in GRID_KEYS if key in inputs),
                     "parameters": params,
                     "parameter_gib_bf16": params["total"] * 2 / 2**30,
                 })

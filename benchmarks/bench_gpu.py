@@ -96,10 +96,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         for attention in attentions:
             model, processor = build(size, variant, attention, device, dtype, tokenizer)
             for setting in ("image", "video"):
+                # Pixel values stay float32: the tower casts them to its dtype (boxes would lose precision in bf16).
                 inputs = make_inputs(processor, setting, variant, image_hw, frame_hw, args.frames).to(device)
-                for key in inputs:
-                    if inputs[key].is_floating_point():
-                        inputs[key] = inputs[key].to(dtype)
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 generate(model, inputs, args.new_tokens)

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="2b", choices=["2b", "7b"], help="sets the LLM width of the projector")
     parser.add_argument("--regions", default="1,16,64", help="comma-separated numbers of regions")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, interleaved (fastest reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per measurement, interleaved (fastest reported)")
     parser.add_argument("--smoke", action="store_true", help="regions 1,3 and one repeat (CI)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
@@ -135,10 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{num_regions} regions on {device}: batched and per-region tokens differ (shapes "
                         f"{tuple(batched.shape)} / {tuple(looped.shape)}, max abs difference {max_difference:.2e})."
                     )
-                seconds = best_seconds(
-                    {"batched": partial(batched_tokens, tokenizer, regions), "loop": partial(loop_tokens, tokenizer, regions)},
-                    args.repeats,
-                )
+                functions = {
+                    "batched": partial(batched_tokens, tokenizer, regions),
+                    "loop": partial(loop_tokens, tokenizer, regions),
+                }
+                seconds = best_seconds(functions, args.repeats)
                 batched_s, loop_s = seconds["batched"], seconds["loop"]
             results.append({
                 "device": device,

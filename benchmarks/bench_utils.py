@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: the real model sizes, tables, JSON output, timing and peak memory.
 
-The scripts import this module as `bench_utils` (they run as `python benchmarks/<script>.py`, which puts this folder first
-on `sys.path`). Nothing here downloads anything.
+The scripts import this module as `bench_utils` (they run as `python benchmarks/<script>.py`, which puts this folder
+first on `sys.path`). Nothing here downloads anything.
 """
 
 import json

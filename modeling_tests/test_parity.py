@@ -26,7 +26,7 @@ MAX_GREY_LEVEL_DIFFERENCE = 1
 
 def load_fixture(variant: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(FIXTURES / f"parity_{variant}.safetensors", framework="pt") as file:
-        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata()
+        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata()  # noqa: SIM118 (not iterable)
 
 
 def official_layout(golden: dict[str, torch.Tensor]):
@@ -94,16 +94,23 @@ def test_object_tokens_match_the_official_region_encoder(variant):
     golden, metadata = load_fixture(variant)
     num_crops, n = int(metadata["num_crops"]), int(metadata["num_object_tokens"])
     config = tiny_config(variant, num_object_tokens=n, oci_num_heads=8)
+    config._attn_implementation = "sdpa"  # standalone modules: no model sets it
     tokenizer = PixelReferObjectTokenizer(config).eval()
     infusion = PixelReferObjectCentricInfusion(config).eval() if variant == "pixelrefer-lite" else None
 
     # The official weights, through the converter's key mapping.
-    official = {key.removeprefix("official_weights."): value for key, value in golden.items() if key.startswith("official_")}
+    official = {
+        key.removeprefix("official_weights."): value for key, value in golden.items() if key.startswith("official_")
+    }
     weights, _, unmapped = convert_state_dict(official, variant)
     assert unmapped == []
-    tokenizer.load_state_dict({k.removeprefix("model.object_tokenizer."): v for k, v in weights.items() if "object_tokenizer" in k})
+    tokenizer.load_state_dict(
+        {k.removeprefix("model.object_tokenizer."): v for k, v in weights.items() if "object_tokenizer" in k}
+    )
     if infusion is not None:
-        infusion.load_state_dict({k.removeprefix("model.object_infusion."): v for k, v in weights.items() if "object_infusion" in k})
+        infusion.load_state_dict(
+            {k.removeprefix("model.object_infusion."): v for k, v in weights.items() if "object_infusion" in k}
+        )
 
     grids = torch.tensor([[1, *golden[f"patch_mask_{i}"].shape] for i in range(num_crops)])
     patch_masks = torch.cat([golden[f"patch_mask_{i}"].flatten() for i in range(num_crops)])
@@ -117,7 +124,10 @@ def test_object_tokens_match_the_official_region_encoder(variant):
             init_indices=golden["kmeans_init_indices"],
         )
         if infusion is not None:
-            local_length, global_length = len(golden["local_features"]) // num_crops, len(golden["global_features"]) // num_crops
+            local_length, global_length = (
+                len(golden["local_features"]) // num_crops,
+                len(golden["global_features"]) // num_crops,
+            )
             # The official encoder gets one local and one global feature map per crop, in crop order.
             tokens = infusion(
                 tokens,
@@ -144,3 +154,27 @@ def test_fixtures_record_a_kmeans_start_for_every_crop_that_needs_one():
         counts = [int((golden[f"patch_mask_{i}"] > 0).sum()) for i in range(int(metadata["num_crops"]))]
         assert len(golden["kmeans_init_indices"]) == sum(count > n for count in counts) >= 4, variant
         assert all(np.unique(row).size == n for row in golden["kmeans_init_indices"].numpy())
+
+
+def test_vision_tower_matches_the_official_tower():
+    """Our tower (transformers' VideoLlama3VisionModel) with the official weights, on packed crops (merge 1)."""
+    from transformers.models.video_llama_3.modeling_video_llama_3 import VideoLlama3VisionModel
+
+    golden, _ = load_fixture("pixelrefer")
+    official = {
+        key.removeprefix("official_weights."): value
+        for key, value in golden.items()
+        if key.startswith("official_weights.model.vision_encoder.")
+    }
+    weights, _, unmapped = convert_state_dict(official, "pixelrefer")
+    assert unmapped == []
+    tower = VideoLlama3VisionModel(tiny_config("pixelrefer").vision_config).eval()
+    tower.load_state_dict({key.removeprefix("model.vision_model."): value for key, value in weights.items()})
+    grid_thw = golden["tower_grid_thw"]
+    with torch.no_grad():
+        features = tower(
+            pixel_values=golden["tower_pixel_values"],
+            grid_thw=grid_thw,
+            merge_sizes=torch.ones(len(grid_thw), dtype=torch.long),
+        ).last_hidden_state
+    torch.testing.assert_close(features, golden["tower_features"], atol=1e-4, rtol=1e-4)

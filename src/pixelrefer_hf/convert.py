@@ -193,7 +193,8 @@ def convert_state_dict(
                     f"Expected the packed q/k/v tensor {key!r} to have a first dimension divisible by 3, found shape "
                     f"{tuple(tensor.shape)}."
                 )
-            # (3 * dim, ...) -> three (dim, ...) blocks in q, k, v order, as nn.MultiheadAttention packs them.
+            # (3 * dim, ...) -> three (dim, ...) blocks in q, k, v order, as nn.MultiheadAttention packs them; cloned
+            # because safetensors refuses to save views that share one storage.
             for target, part in zip(targets, tensor.chunk(3, dim=0)):
                 converted[target] = part.clone()
                 origin[target] = key
@@ -288,10 +289,10 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def iter_official_weights(files: list[Path]) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yield `(file, state_dict)` per shard, with a progress bar."""
+def iter_official_weights(files: list[Path]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the state dict of each shard in turn, with a progress bar."""
     for path in tqdm(files, desc="Reading official shards", unit="shard", disable=len(files) < 2):
-        yield path, load_weight_file(path)
+        yield load_weight_file(path)
 
 
 def load_official_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -336,9 +337,7 @@ def convert_config(
     else:
         missing += [f"vision_encoder_config.{name}" for name in _REQUIRED_VISION_FIELDS if name not in vision]
     if missing:
-        raise ConversionError(
-            f"Expected the official config.json to define {', '.join(missing)}, found them missing."
-        )
+        raise ConversionError(f"Expected the official config.json to define {', '.join(missing)}, found them missing.")
     # Null fields (rope_scaling, sliding_window) are left to Qwen2Config's defaults.
     text_config = {"model_type": "qwen2"}
     text_config.update({name: official[name] for name in _TEXT_FIELDS if official.get(name) is not None})
@@ -435,7 +434,7 @@ def collect_state_dict(
     origin: dict[str, str] = {}
     unmapped: list[str] = []
     dropped: dict[str, int] = {}
-    for _, shard in iter_official_weights(files):
+    for shard in iter_official_weights(files):
         for key in shard:
             reason = dropped_reason(key, variant)
             if reason is not None:
@@ -460,7 +459,9 @@ def collect_state_dict(
 
     problems = []
     if unmapped:
-        problems.append(f"{len(unmapped)} official key(s) with no place in the {variant} model: {_list_for_error(unmapped)}")
+        problems.append(
+            f"{len(unmapped)} official key(s) with no place in the {variant} model: {_list_for_error(unmapped)}"
+        )
     missing = [key for key in expected if key not in converted]
     if missing:
         problems.append(f"{len(missing)} parameter(s) left without a value: {_list_for_error(missing)}")
@@ -654,4 +655,3 @@ __all__ = [
 
 if __name__ == "__main__":
     sys.exit(main())
-
