@@ -185,3 +185,22 @@ def test_chat_template_drives_the_model(model_and_processor):
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("settings", [{"num_beams": 2}, {"num_beams": 3, "num_return_sequences": 2}])
+def test_beam_search_and_several_sequences_per_sample(model_and_processor, settings):
+    """generate repeats each sample's images and crops as a whole: batched beams equal single-sample beams."""
+    model, processor = model_and_processor
+    items = samples()
+    batch = batch_inputs(processor, items)
+    with torch.no_grad():
+        batch_tokens = model.generate(**batch, max_new_tokens=4, do_sample=False, **settings)
+    per_sample = settings.get("num_return_sequences", 1)
+    assert batch_tokens.shape[0] == len(items) * per_sample
+    new_tokens = batch_tokens[:, batch["input_ids"].shape[1] :]
+    for i, item in enumerate(items):
+        single = batch_inputs(processor, [item])
+        with torch.no_grad():
+            tokens = model.generate(**single, max_new_tokens=4, do_sample=False, **settings)
+        expected = tokens[:, single["input_ids"].shape[1] :].tolist()
+        assert new_tokens[i * per_sample : (i + 1) * per_sample].tolist() == expected, f"sample {i}"

@@ -765,6 +765,68 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             object_hidden_states=outputs.object_hidden_states,
         )
 
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None, **kwargs
+    ):
+        """Beam search and `num_return_sequences` repeat every sample `expand_size` times. The packed visual tensors
+        have no batch dimension, so they are repeated per sample (whole images and crops), not row by row."""
+        packed = {
+            name: kwargs.pop(name)
+            for name in list(kwargs)
+            if name.startswith(MULTIMODAL_INPUT_PREFIXES) and kwargs[name] is not None
+        }
+        if expand_size > 1 and packed:
+            packed = self._repeat_packed_inputs(input_ids, packed, expand_size)
+        input_ids, kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kwargs)
+        kwargs.update(packed)
+        return input_ids, kwargs
+
+    def _repeat_packed_inputs(self, input_ids: torch.Tensor, packed: dict, expand_size: int) -> dict:
+        """Repeat each sample's images and crops `expand_size` times, in sample order.
+
+        Items are assigned to samples by their token counts: images and crops are packed in sample order, and sample
+        `s` holds exactly as many placeholder tokens as its items produce.
+        """
+
+        def sample_order(item_tokens: torch.Tensor, token_id: int) -> torch.Tensor:
+            """Item indices of every sample, each sample's run repeated `expand_size` times."""
+            tokens_per_sample = (input_ids == token_id).sum(-1)
+            ends = torch.searchsorted(torch.cumsum(item_tokens, 0), torch.cumsum(tokens_per_sample, 0), right=True)
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+            runs = [torch.arange(start, end) for start, end in zip(starts.tolist(), ends.tolist())]
+            return torch.cat([run for run in runs for _ in range(expand_size)]).to(item_tokens.device)
+
+        def gather_segments(values: torch.Tensor, lengths: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+            """Concatenate the segments `order` of a packed tensor whose segments have `lengths`."""
+            starts = torch.cumsum(lengths, 0) - lengths
+            return values[torch.repeat_interleave(starts[order], lengths[order]) + positions_in_segment(lengths[order])]
+
+        out = dict(packed)
+        if "pixel_values" in packed:
+            grid, merge = packed["image_grid_thw"], packed["image_merge_sizes"]
+            merged = grid.prod(-1) // merge.pow(2)
+            keep = packed.get("image_keep_mask")
+            tokens = merged if keep is None else torch.stack([k.sum() for k in keep.split(merged.tolist())])
+            order = sample_order(tokens, self.config.image_token_id)
+            out["pixel_values"] = gather_segments(packed["pixel_values"], grid.prod(-1), order)
+            out["image_grid_thw"], out["image_merge_sizes"] = grid[order], merge[order]
+            if keep is not None:
+                out["image_keep_mask"] = gather_segments(keep, merged, order)
+        if "region_pixel_values" in packed:
+            grid = packed["region_grid_thw"]
+            patches = grid.prod(-1)
+            masked = torch.stack([m.gt(0).sum() for m in packed["region_patch_masks"].split(patches.tolist())])
+            n = self.config.num_object_tokens
+            tokens = torch.full_like(masked, n) if self.config.is_lite else masked.clamp(max=n)
+            order = sample_order(tokens, self.config.region_token_id)
+            out["region_pixel_values"] = gather_segments(packed["region_pixel_values"], patches, order)
+            out["region_patch_masks"] = gather_segments(packed["region_patch_masks"], patches, order)
+            # Per-crop tensors follow the crops; the context-image pools stay shared and keep their indices.
+            for name in ("region_grid_thw", "region_boxes", "region_image_sizes", "region_local_index", "region_global_index"):
+                if name in packed:
+                    out[name] = packed[name][order]
+        return out
+
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         # Images and regions are consumed by the prefill step; decoding steps only extend the KV cache.
