@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
 
-from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor, object_token_count
+from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor, _box_resize, object_token_count
 from pixelrefer_hf.processing_pixelrefer import PixelReferProcessor
 from pixelrefer_hf.tokenizer_assets import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
 
@@ -312,8 +312,9 @@ def test_lite_local_and_global_context_images(make_processor, legacy):
     assert output["region_local_pixel_values"].shape == (num_locals * 256, 588)
     assert output["region_global_pixel_values"].shape == (3 * 576, 588)
 
-    # The global image is the whole frame, area-resized to 336 x 336, normalised, in raster patch order.
-    expected = np.asarray(Image.fromarray(video[2]).resize((336, 336), Image.Resampling.BOX), dtype=np.float32)
+    # The global image is the whole frame resized to 336 x 336 like OpenCV INTER_AREA (the official Lite call; checked
+    # against OpenCV in test_parity.py), normalised, in raster patch order.
+    expected = _box_resize(video[2], 336, 336).astype(np.float32)
     expected = (expected / 255 - 0.5) / 0.5  # (336, 336, 3)
     expected = expected.reshape(24, 14, 24, 14, 3).transpose(0, 2, 4, 1, 3).reshape(576, 588)
     global_2 = split_rows(output["region_global_pixel_values"], output["region_global_grid_thw"])[2]

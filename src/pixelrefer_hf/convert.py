@@ -418,6 +418,7 @@ def build_image_processor(config: PixelReferConfig, folder: Path) -> PixelReferI
 
 
 def _list_for_error(items: list[str], limit: int = 8) -> str:
+    """`a, b, c and 5 more`: keeps an error about a 7B checkpoint on one readable line."""
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
@@ -445,7 +446,7 @@ def collect_state_dict(
         origin.update(shard_origin)
         unmapped += shard_unmapped
     for reason, count in dropped.items():
-        logger.warning(f"Dropped {count} official parameter(s): {reason}.")
+        logger.info(f"Dropped {count} official parameter(s): {reason}.")
 
     if config.tie_word_embeddings and "lm_head.weight" in converted:
         # A pickled tied model stores the shared matrix under both names; it must really be the same matrix.

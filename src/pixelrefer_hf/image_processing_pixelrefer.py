@@ -11,9 +11,12 @@ Interpolation choices (the official code uses OpenCV, which is not a dependency 
 
 * object crops: `torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False)` on the uint8
   crop, rounded back to uint8 (the same sampling grid as OpenCV `INTER_LINEAR`). Lite crops that shrink along both
-  axes use area averaging instead (PIL `BOX`, i.e. OpenCV `INTER_AREA`), as the official Lite code does;
+  axes use OpenCV `INTER_AREA` instead (area averaging when shrinking, OpenCV's seam interpolation when enlarging),
+  emulated in numpy to within one grey level, as the official Lite code does;
 * patch-grid masks: bilinear, `align_corners=False`, on the float {0, 1} mask of the crop;
-* Lite local (224) and global (336) images: area averaging (PIL `BOX`), resized in one step to their final size.
+* Lite local (224) and global (336) images: the same OpenCV `INTER_AREA` emulation, in one step to their final size.
+
+Crops and context images match OpenCV to within one grey level (`modeling_tests/test_parity.py`).
 """
 
 import math
@@ -196,39 +199,43 @@ def _box_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     Shrinking along both axes (or keeping a size) averages every input pixel by the area it covers in the output
     pixel. Otherwise OpenCV switches to a linear interpolation whose weight is the fraction of the output pixel that
     lies past an input pixel boundary (for an integer enlargement: pixel replication except at the seams), on both
-    axes. OpenCV works in fixed point, so results may differ from it by one grey level.
+    axes. OpenCV works in fixed point, so results may differ from it by one grey level. Each axis costs O(pixels).
     """
     in_height, in_width = image.shape[:2]
     if (in_height, in_width) == (height, width):
         return image
     shrink = in_height >= height and in_width >= width
 
-    def weights(size_in: int, size_out: int) -> np.ndarray:
-        """`(size_out, size_in)` float64 matrix mapping one axis of the input to the output."""
-        scale = size_in / size_out
+    def resize_axis(values: np.ndarray, axis: int, size_out: int) -> np.ndarray:
+        size_in = values.shape[axis]
         if shrink:
-            # Output pixel o covers input interval [o * scale, (o + 1) * scale): weight = overlap with [i, i + 1).
+            # Output pixel o averages the input over [o * scale, (o + 1) * scale): differences of the running sum,
+            # taken at fractional positions (the running sum grows linearly inside a pixel).
+            scale = size_in / size_out
+            running = np.cumsum(values, axis=axis)
+            running = np.concatenate([np.zeros_like(running.take([0], axis=axis)), running], axis=axis)
             edges = np.arange(size_out + 1) * scale
-            starts = np.arange(size_in)
-            overlap = np.minimum(edges[1:, None], starts[None, :] + 1) - np.maximum(edges[:-1, None], starts[None, :])
-            return np.clip(overlap, 0, None) / scale
+            start = np.minimum(np.floor(edges).astype(np.int64), size_in - 1)
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            at_edges = running.take(start, axis=axis) + (edges - start).reshape(shape) * values.take(start, axis=axis)
+            return np.diff(at_edges, axis=axis) / scale
         # OpenCV's exact arithmetic (scale as the reciprocal of out/in, the fraction in float32): at the seams, where
         # `outputs * scale` is an integer, another rounding picks the neighbouring source pixel.
         inverse = size_out / size_in
         outputs = np.arange(size_out)
         source = np.floor(outputs * (1.0 / inverse)).astype(np.int64)
         fraction = ((outputs + 1) - (source + 1) * inverse).astype(np.float32)
-        fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction)).astype(np.float64)
-        at_border = source >= size_in - 1
-        source, fraction = np.where(at_border, size_in - 1, source), np.where(at_border, 0.0, fraction)
-        matrix = np.zeros((size_out, size_in))
-        matrix[outputs, source] += 1 - fraction
-        matrix[outputs, np.minimum(source + 1, size_in - 1)] += fraction
-        return matrix
+        fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction))
+        fraction = np.where(source >= size_in - 1, 0.0, fraction)
+        source = np.minimum(source, size_in - 1)
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        fraction = fraction.reshape(shape)
+        following = values.take(np.minimum(source + 1, size_in - 1), axis=axis)
+        return values.take(source, axis=axis) * (1 - fraction) + following * fraction
 
-    # Rows then columns, two matrix products: (height, H) @ (H, W * 3) -> (height, W, 3); then (width, W) on axis 1.
-    rows = (weights(in_height, height) @ image.astype(np.float64).reshape(in_height, -1)).reshape(height, in_width, -1)
-    resized = np.einsum("pw,owc->opc", weights(in_width, width), rows, optimize=True)
+    resized = resize_axis(resize_axis(image.astype(np.float64), 0, height), 1, width)  # (height, width, 3)
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
