@@ -9,25 +9,13 @@ import types
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pixelrefer_hf import RegionQAPipeline, cli
 from pixelrefer_hf.region_utils import rle_encode
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 HEIGHT, WIDTH = 40, 56
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny models are far faster on one thread when the test machine's cores are shared (OpenMP threads spin
-    while waiting for a busy core); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 from fixtures.official_checkpoint import write_official_checkpoint
+from fresh_process import run_python
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pixelrefer_hf import PixelReferProcessor
 from pixelrefer_hf.convert import ConversionError, build_parser, convert_checkpoint, main, map_official_key
-
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 
@@ -179,15 +177,7 @@ def test_tied_checkpoint_drops_a_duplicated_lm_head_and_rejects_a_different_one(
 # Runs in a fresh process where `pixelrefer_hf` cannot be imported: everything comes from the converted folders.
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "pixelrefer_hf":
-                raise ImportError("pixelrefer_hf is deliberately not importable in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
+    import json, sys
     import numpy as np, torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -220,19 +210,7 @@ def test_converted_folders_generate_in_a_fresh_process_without_the_package(tmp_p
         with torch.no_grad():
             expected[out] = reference.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, *expected],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.split("RESULT", 1)[1])
+    results = run_python(CHILD, *expected, cwd=tmp_path)
     for out, tokens in expected.items():
         assert results[out]["module"].startswith("transformers_modules."), results[out]["module"]
         assert results[out]["tokens"] == tokens, out

