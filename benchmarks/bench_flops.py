@@ -142,6 +142,13 @@ def fastv_macs(text_config, length: int) -> float:
     return text_config.num_hidden_layers * (length * (4 * d * d + 2 * d * m) + 2 * length * length * d)
 
 
+def kv_cache_mib(text_config, length: int) -> float:
+    """bf16 key/value cache of a `length`-token prompt: 2 tensors x layers x kv heads x head dim x 2 bytes per token."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    per_token = 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * 2
+    return per_token * length / 2**20
+
+
 def tower_flops(vision_model: torch.nn.Module, inputs) -> int:
     """FLOPs of the vision tower on every image the model encodes for `inputs` (one packed call, as the model)."""
     grids, merges = [], []
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "llm_flops": llm_flops(model.model.language_model, hidden, length),
                     "llm_flops_media_only": llm_flops(model.model.language_model, hidden, media_length)["total"],
                     "fastv_macs_media_only": fastv_macs(config.text_config, media_length),
+                    "kv_cache_mib_bf16": kv_cache_mib(config.text_config, length),
                     "tower_flops": tower_flops(model.model.vision_model, inputs),
                     "tower_patches": sum(int(inputs[key][:, 1:].prod(-1).sum()) for key in GRID_KEYS if key in inputs),
                     "parameters": params,
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["size"].upper(), r["variant"], r["setting"], r["visual_tokens"], r["object_tokens"], r["text_tokens"],
             r["llm_flops"]["attention"] / 1e12, r["llm_flops"]["mlp"] / 1e12, r["llm_flops"]["total"] / 1e12,
             r["fastv_macs_media_only"] / 1e12, (paper[r["variant"] == "pixelrefer-lite"] if paper else "-"),
-            r["tower_flops"] / 1e12, r["parameter_gib_bf16"],
+            r["tower_flops"] / 1e12, r["kv_cache_mib_bf16"], r["parameter_gib_bf16"],
         ])
     for size in sizes:
         for setting in ("image", "video"):
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
             })
     headers = ["size", "variant", "setting", "visual tok", "object tok", "text tok", "LLM attn TFLOPs",
                "LLM MLP TFLOPs", "LLM TFLOPs", "FastV TMACs (visual+object)", "paper TFLOPs", "tower TFLOPs",
-               "params GiB (bf16)"]
+               "KV cache MiB (bf16)", "params GiB (bf16)"]
     table = markdown_table_with_ratios(headers, rows, ratios, image_hw, frame_hw, args.frames)
     payload = {"settings": {"image_hw": image_hw, "frame_hw": frame_hw, "frames": args.frames, "smoke": args.smoke},
                "results": results, "ratios": ratios}

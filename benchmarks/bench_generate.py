@@ -1,7 +1,7 @@
 """Batched generation: one batch of 8 region questions against 8 single calls, tokens/s and peak memory.
 
     python benchmarks/bench_generate.py              # tiny and 2B-size models, writes benchmarks/results/generate.*
-    python benchmarks/bench_generate.py --sizes tiny --smoke --output-dir /tmp/generate   # seconds (CI smoke test)
+    python benchmarks/bench_generate.py --smoke --output-dir /tmp/generate   # tiny model, seconds (CI smoke test)
 
 Every question is about one region (alternately a mask and a box) of its own random image; the batched call pads
 on the left. Both sides run the processor and `generate` (greedy, exactly `--new-tokens` new tokens per answer, so
@@ -13,8 +13,8 @@ otherwise). Peak memory is the process's peak RSS on the CPU (reset before each 
 """
 
 import argparse
-from functools import partial
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +125,7 @@ def answer(model, processor, samples: list[dict], new_tokens: int) -> torch.Tens
         return_tensors="pt",
     ).to(model.device)  # float inputs stay float32: the tower casts pixels to its dtype, boxes keep their precision
     with torch.no_grad():
-        output = model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-        )
+        output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return output[:, inputs["input_ids"].shape[1] :].cpu()
 
 
@@ -211,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "batched_peak_mib": batched_peak,
                 "same_answers": bool(torch.equal(batched_answers, single_answers)),
             })
-            del model
+            # Free this model before the next is built (the partials hold it too).
+            del model, batched, singles
 
     rows = [
         [r["size"], r["variant"], r["dtype"], r["single_tokens_per_second"], r["batched_tokens_per_second"],

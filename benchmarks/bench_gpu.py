@@ -57,11 +57,13 @@ def build(size: str, variant: str, attention: str, device: str, dtype: torch.dty
 
 
 def prefill(model, inputs) -> None:
+    """One forward pass over the prompt, logits for the last position only: the time to the first token."""
     with torch.no_grad():
         model(**inputs, use_cache=False, logits_to_keep=1)
 
 
 def generate(model, inputs, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of exactly `new_tokens` tokens (random weights rarely produce EOS, but may)."""
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 

@@ -205,7 +205,7 @@ def test_call_arguments_are_checked(pipe):
         pipe({"image": make_image(), "regions": [], "question": "Hi"}, question="Hi")
     with pytest.raises(ValueError, match="box_to_mask"):
         pipe(image=make_image(), regions=[[0, 0, 5, 5]], question=QUESTION, box_to_mask="maybe")
-    with pytest.raises(ValueError, match="torchvision"):
+    with pytest.raises(ValueError, match="propagate_regions=True needs sam2_model"):
         pipe(video=[make_image()], regions=[{0: [0, 0, 5, 5]}], question=QUESTION, propagate_regions=True)
 
 

@@ -3,11 +3,13 @@
     pixelrefer ask photo.jpg --box 40,30,200,180 "What is <region> doing?"
     pixelrefer ask photo.jpg --point 120,80 --sam-model facebook/sam-vit-base "What is <region>?"
     pixelrefer ask clip.mp4 --fps 2 --max-frames 16 --frame 0 --mask person.png "Where does <region> go?" --json
+    pixelrefer ask clip.mp4 --box 10,40,50,80 --propagate --sam2-model facebook/sam2.1-hiera-tiny "Where is <region>?"
     pixelrefer info path/to/checkpoint
     pixelrefer convert ...          # see `pixelrefer convert --help`
 
 Regions (`--box`, `--mask`, `--rle`, `--point`) may be repeated; they fill the question's `<region>` placeholders in
-the order they are given. On a video every region is drawn on frame `--frame` of the decoded frames.
+the order they are given. On a video every region is drawn on frame `--frame` of the decoded frames; `--propagate`
+carries it to the other frames with a SAM2 video checkpoint (`--sam2-model`).
 """
 
 import argparse
@@ -102,6 +104,13 @@ def _ask(args: argparse.Namespace) -> int:
             "click into a mask; or give the region with --box, --mask or --rle"
         )
     is_video = args.media.lower().endswith(VIDEO_EXTENSIONS)
+    if args.propagate and not is_video:
+        raise ValueError(f"--propagate carries regions across video frames, but {args.media!r} is not a video file")
+    if args.propagate and not args.sam2_model:
+        raise ValueError(
+            "--propagate needs --sam2-model (a SAM2 video checkpoint folder or repo id, e.g. "
+            "facebook/sam2.1-hiera-tiny)"
+        )
     item = {"question": args.question}
     if is_video:
         decoded = read_video(args.media, fps=args.fps, max_frames=args.max_frames, show_progress=True)
@@ -115,6 +124,8 @@ def _ask(args: argparse.Namespace) -> int:
     options = {"max_new_tokens": args.max_new_tokens, "box_to_mask": args.box_to_mask}
     if args.sam_model:
         options["sam_model"] = args.sam_model
+    if args.propagate:
+        options.update(propagate_regions=True, sam2_model=args.sam2_model)
     result = pipe(item, **options)
     if args.json:
         print(json.dumps({"question": args.question, "answer": result["answer"], "model": args.model}))
@@ -221,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="box",
         help="give boxes to PixelRefer as they are (default), or segment the object inside them with SAM first",
     )
+    ask.add_argument(
+        "--propagate",
+        action="store_true",
+        help="video: carry every region from --frame to all decoded frames with SAM2 (needs --sam2-model)",
+    )
+    ask.add_argument("--sam2-model", help="SAM2 video checkpoint (folder or repo id) used by --propagate")
     ask.add_argument("--frame", type=int, default=0, help="video: decoded frame the regions are drawn on (default 0)")
     ask.add_argument("--fps", type=float, default=1.0, help="video: frames sampled per second (default 1)")
     ask.add_argument("--max-frames", type=int, default=32, help="video: at most this many frames (default 32)")

@@ -8,7 +8,8 @@
 Each item is a dict `{"image" | "video": ..., "regions": [...], "question": "... <region> ..."}`; a list of items is
 answered in real batches of `batch_size` (one left-padded `generate` call per batch). Regions are whatever
 [`PixelReferProcessor`] accepts (masks, boxes, COCO RLE, polygons) plus point prompts, which a SAM checkpoint named by
-`sam_model=` turns into masks. Videos are lists of frames or paths to files decoded with PyAV (`video_io.py`).
+`sam_model=` turns into masks. Videos are lists of frames or paths to files decoded with PyAV (`video_io.py`); with
+`propagate_regions=True` a SAM2 video checkpoint named by `sam2_model=` carries each region to every frame.
 """
 
 import numbers
@@ -24,7 +25,15 @@ from transformers.utils import logging
 
 from .image_processing_pixelrefer import _to_rgb_array
 from .region_utils import region_to_mask, validate_frame_index
-from .sam_utils import POINT_REGION_HELP, SamMaskPredictor, is_point_region, parse_box, parse_point_region
+from .sam_utils import (
+    POINT_REGION_HELP,
+    SAM2_HELP,
+    Sam2VideoPropagator,
+    SamMaskPredictor,
+    is_point_region,
+    parse_box,
+    parse_point_region,
+)
 from .video_io import read_video
 
 
@@ -80,6 +89,13 @@ class RegionQAPipeline(Pipeline):
             `box_to_mask="sam"`, boxes. Loaded on first use.
         box_to_mask (`str`, *optional*, defaults to `"box"`): `"box"` gives PixelRefer the box itself (every pixel
             inside it); `"sam"` segments the object inside the box with SAM first.
+        propagate_regions (`bool`, *optional*, defaults to `False`): on a video, carry every region from the frames it
+            is given on to all the other frames with the SAM2 checkpoint `sam2_model`, so that PixelRefer sees the
+            object on every frame. The given frames keep their regions as they are; a frame where SAM2 finds the
+            object absent (empty mask) is left out for that region. Image items are not affected.
+        sam2_model (`str`, *optional*): SAM2 video checkpoint (local folder or repo id of a `Sam2VideoModel`, e.g.
+            `facebook/sam2.1-hiera-tiny`) for `propagate_regions`. Loaded on first use. Separate from `sam_model`,
+            which turns clicks into masks on single frames.
         fps (`float`, *optional*, defaults to 1.0), max_frames (`int`, *optional*, defaults to 32): sampling of video
             files.
         skip_bad_items (`bool`, *optional*, defaults to `False`): with a list, answer the good items and put
@@ -98,6 +114,7 @@ class RegionQAPipeline(Pipeline):
 
     def __init__(self, *args, **kwargs):
         self._sam_predictors: dict[str, SamMaskPredictor] = {}
+        self._sam2_propagators: dict[str, Sam2VideoPropagator] = {}
         super().__init__(*args, **kwargs)
         if self.processor is None:
             raise ValueError("the region-qa pipeline needs the PixelRefer processor (pass processor=...)")
@@ -123,6 +140,7 @@ class RegionQAPipeline(Pipeline):
         fps: float | None = None,
         max_frames: int | None = None,
         propagate_regions: bool | None = None,
+        sam2_model: str | None = None,
         skip_bad_items: bool | None = None,
         **generate_kwargs,
     ) -> tuple[dict, dict, dict]:
@@ -137,12 +155,10 @@ class RegionQAPipeline(Pipeline):
             preprocess_params["fps"] = fps
         if max_frames is not None:
             preprocess_params["max_frames"] = max_frames
-        if propagate_regions:
-            raise ValueError(
-                "propagate_regions=True is not supported: propagating a mask to other video frames needs "
-                "transformers' Sam2VideoModel, whose processors require torchvision, which pixelrefer-hf does not "
-                "install. Give the region on every frame it should cover, e.g. {0: mask_0, 8: mask_8}."
-            )
+        if propagate_regions is not None:
+            preprocess_params["propagate_regions"] = bool(propagate_regions)
+        if sam2_model is not None:
+            preprocess_params["sam2_model"] = sam2_model
         if skip_bad_items is not None:
             preprocess_params["skip_bad_items"] = skip_bad_items
         forward_params = {"generate_kwargs": generate_kwargs} if generate_kwargs else {}
@@ -206,6 +222,9 @@ class RegionQAPipeline(Pipeline):
         """Yield one result per item, in order, running `generate` once per `batch_size` good items."""
         preprocess_params = dict(preprocess_params)
         skip_bad_items = preprocess_params.pop("skip_bad_items", False)
+        # Checked here, where construction and call arguments are merged: it concerns every item, not one.
+        if preprocess_params.get("propagate_regions") and preprocess_params.get("sam2_model") is None:
+            raise ValueError(f"propagate_regions=True needs sam2_model=...; {SAM2_HELP}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         items = iter(enumerate(inputs))
@@ -237,6 +256,8 @@ class RegionQAPipeline(Pipeline):
         box_to_mask: str = "box",
         fps: float = 1.0,
         max_frames: int | None = 32,
+        propagate_regions: bool = False,
+        sam2_model: str | None = None,
     ) -> dict:
         """Validate one item, load its image or video, turn every region into a boolean mask, render the prompt."""
         prefix = f"{where}: " if where else ""
@@ -284,6 +305,9 @@ class RegionQAPipeline(Pipeline):
                     frame_where = f"{region_where}, frame {frame_index}"
                     frame_masks[frame_index] = region_mask(value, frames[frame_index], frame_where)
                 masks.append(frame_masks)
+            if propagate_regions and masks:
+                wheres = [f"{prefix}region {j}" for j in range(len(masks))]
+                masks = self._propagate(frames, masks, wheres, f"{prefix}video", sam2_model)
             content_type, images, video = "video", None, frames
 
         messages = [{"role": "user", "content": [{"type": content_type}, {"type": "text", "text": question}]}]
@@ -306,6 +330,27 @@ class RegionQAPipeline(Pipeline):
             box = parse_box(region, size, where)
             return self._sam(sam_model).predict(frame, box=box, where=where)
         return region_to_mask(region, size, where)
+
+    def _propagate(
+        self,
+        frames: list[np.ndarray],
+        masks: list[dict[int, np.ndarray]],
+        wheres: list[str],
+        video_where: str,
+        sam2_model: str,
+    ) -> list[dict[int, np.ndarray]]:
+        """Every region's masks on all frames: the given ones as they are, SAM2's where it sees the object."""
+        if sam2_model not in self._sam2_propagators:
+            self._sam2_propagators[sam2_model] = Sam2VideoPropagator(sam2_model, device=self.device)
+        propagated = self._sam2_propagators[sam2_model].propagate_objects(frames, masks, wheres, video_where)
+        kept = []
+        for tracked, where in zip(propagated, wheres):
+            # A given mask is never empty (region_to_mask rejects that), so only SAM2's empty predictions go.
+            region = {frame_index: mask for frame_index, mask in tracked.items() if mask.any()}
+            if len(region) < len(tracked):
+                logger.info(f"{where}: SAM2 finds the object on {len(region)} of {len(tracked)} frames")
+            kept.append(region)
+        return kept
 
     def _sam(self, checkpoint: str) -> SamMaskPredictor:
         if checkpoint not in self._sam_predictors:
