@@ -193,12 +193,12 @@ def kmeans_object_tokens(
     # token order inside each object, so results do not depend on the other objects.
     object_of_token = torch.arange(num_objects, device=tokens.device)[:, None].expand(-1, max_tokens)[valid]
     flat_tokens = tokens[valid]
-    token_sq_norm = tokens.pow(2).sum(-1, keepdim=True)
     active = torch.ones(num_objects, dtype=torch.bool, device=tokens.device)
     for _ in range(num_iterations):
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: (num_objects, max_tokens, num_clusters) without a dense difference tensor.
-        distances = token_sq_norm - 2 * torch.bmm(tokens, centroids.transpose(1, 2)) + centroids.pow(2).sum(-1)[:, None]
-        assignment = distances.argmin(-1)[valid]
+        # argmin_c |x - c|^2 = argmin_c (|c|^2 - 2 x.c): |x|^2 is the same for every cluster, so it is left out, and
+        # no dense (tokens, clusters, dim) difference tensor is built. (num_objects, max_tokens, num_clusters):
+        scores = centroids.pow(2).sum(-1)[:, None, :] - 2 * torch.bmm(tokens, centroids.transpose(1, 2))
+        assignment = scores.argmin(-1)[valid]
         cluster = object_of_token * num_clusters + assignment
         sums = torch.zeros(num_objects * num_clusters, dim, dtype=tokens.dtype, device=tokens.device)
         sums.index_add_(0, cluster, flat_tokens)
