@@ -37,7 +37,8 @@ from pixelrefer_hf.testing import processor_for_config
 from pixelrefer_hf.tokenizer_assets import SPECIAL_TOKENS, build_tiny_tokenizer
 
 
-# Evaluation prompts of the official code (official_spec.md §10): DLC-Bench for images, HC-STVG for videos.
+# Evaluation prompts of the official code (official_spec.md §8): DLC-Bench for images, HC-STVG for videos (the
+# official Lite prompt's spelling kept).
 IMAGE_QUESTION = "Please describe the region <region> in the image in detail. Do not describe anything else."
 VIDEO_QUESTIONS = {
     "pixelrefer": "Please describe the object <region> in brief in the video.",

@@ -97,3 +97,10 @@ def test_bench_gpu_smoke_runs_every_combination_on_cpu(bench, tmp_path):
     for r in results:
         assert r["attention"] == "sdpa"
         assert r["tokens_per_second"] > 0 and r["prefill_seconds"] > 0
+
+
+def test_bench_gpu_exits_cleanly_without_cuda(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench("bench_gpu").main(["--output-dir", str(tmp_path)]) is None
+    assert "needs a CUDA device" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

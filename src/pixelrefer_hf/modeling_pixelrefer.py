@@ -251,7 +251,8 @@ class PixelReferObjectTokenizer(nn.Module):
             crop_features: `(sum_i h_i * w_i, vision_hidden)` tower output of the crops, raster order.
             grid_thw: `(num_crops, 3)`; patch_masks: `(sum_i h_i * w_i,)` in {0, 1}, aligned with `crop_features`.
             boxes, image_sizes: see [`relative_box_positions`].
-            init_indices: optional k-means initial indices for the crops that need k-means (parity tests).
+            init_indices: optional k-means initial indices `(num_clustered_crops, n)` of the crops with more than n
+                masked patches, in crop order (parity tests).
 
         Returns:
             `tokens` `(num_crops, n, vision_hidden)` float32, zero where a crop has fewer than n masked patches, and
@@ -274,27 +275,40 @@ class PixelReferObjectTokenizer(nn.Module):
                 f"Object crops {empty} have an empty patch mask; the processor should never produce one (regions are "
                 "numbered across the batch in sample order)."
             )
-        # Scatter the masked patches into a zero-padded (num_crops, max_tokens, dim) tensor, raster order kept.
-        padded = features.new_zeros(len(grid_thw), int(num_tokens.max()), features.shape[-1])
-        padded[crop_of_token, positions_in_segment(num_tokens)] = features[selected]
-        valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < num_tokens[:, None]
+        token_features = features[selected]  # (num_masked_patches, dim), crop by crop, raster order inside a crop
+        rank = positions_in_segment(num_tokens)  # position of each masked patch inside its crop
 
-        tokens = padded.new_zeros(len(grid_thw), n, padded.shape[-1])
-        few = num_tokens <= n
-        width = min(n, padded.shape[1])
-        tokens[few, :width] = padded[few, :width]
-        many = ~few
-        if bool(many.any()):
-            tokens[many] = kmeans_object_tokens(
-                padded[many],
-                valid[many],
-                num_clusters=n,
-                num_iterations=self.kmeans_iterations,
-                tolerance=self.kmeans_tolerance,
-                init=self.kmeans_init,
-                seed=self.kmeans_seed,
-                init_indices=init_indices,
-            )
+        tokens = token_features.new_zeros(len(grid_thw), n, token_features.shape[-1])
+        # Crops with at most n masked patches keep them as they are.
+        few = (num_tokens <= n)[crop_of_token]
+        tokens[crop_of_token[few], rank[few]] = token_features[few]
+        # The others are clustered. Crops are grouped by the power of two above their patch count, so that the
+        # zero padding of each batched k-means stays below 2x; every crop is still clustered on its own.
+        clustered = torch.nonzero(num_tokens > n).flatten()
+        if len(clustered):
+            size_class = torch.ceil(torch.log2(num_tokens[clustered].double())).long()
+            row_of_crop = torch.full_like(num_tokens, -1)
+            for group in torch.unique(size_class).tolist():
+                in_group = size_class == group
+                crops = clustered[in_group]
+                row_of_crop[crops] = torch.arange(len(crops), device=crops.device)
+                members = row_of_crop[crop_of_token] >= 0
+                width = int(num_tokens[crops].max())
+                # (crops in group, width, dim), zero-padded, raster order kept.
+                padded = token_features.new_zeros(len(crops), width, token_features.shape[-1])
+                padded[row_of_crop[crop_of_token[members]], rank[members]] = token_features[members]
+                valid = torch.arange(width, device=padded.device)[None, :] < num_tokens[crops][:, None]
+                tokens[crops] = kmeans_object_tokens(
+                    padded,
+                    valid,
+                    num_clusters=n,
+                    num_iterations=self.kmeans_iterations,
+                    tolerance=self.kmeans_tolerance,
+                    init=self.kmeans_init,
+                    seed=self.kmeans_seed,
+                    init_indices=None if init_indices is None else init_indices[in_group],
+                )
+                row_of_crop[crops] = -1
         token_valid = torch.arange(n, device=tokens.device)[None, :] < num_tokens.clamp(max=n)[:, None]
         return tokens, token_valid
 
