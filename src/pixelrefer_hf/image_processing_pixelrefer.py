@@ -138,7 +138,7 @@ class PixelReferSampleLayout:
     region_timestamps: list[list[float]]
 
 
-def _to_rgb_array(image, where: str) -> np.ndarray:
+def to_rgb_array(image, where: str) -> np.ndarray:
     """Convert a PIL image, a numpy array (HWC, or CHW when the last axis is not a channel axis) or a torch tensor
     (CHW, or HWC when the first axis is not a channel axis) into an `(H, W, 3)` RGB uint8 array."""
     if isinstance(image, Image.Image):
@@ -405,7 +405,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"{where}: give either images or a video, not both")
 
         if frames_in is not None:
-            frames = [_to_rgb_array(frame, f"{where}, frame {t}") for t, frame in enumerate(frames_in)]
+            frames = [to_rgb_array(frame, f"{where}, frame {t}") for t, frame in enumerate(frames_in)]
             for t, frame in enumerate(frames[1:], start=1):
                 if frame.shape != frames[0].shape:
                     raise ValueError(
@@ -414,7 +414,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
                     )
             timestamps = self._video_timestamps(video_timestamps, len(frames), where)
         else:
-            frames = [_to_rgb_array(image, f"{where}, image {k}") for k, image in enumerate(image_list)]
+            frames = [to_rgb_array(image, f"{where}, image {k}") for k, image in enumerate(image_list)]
             if video_timestamps is not None and len(video_timestamps) > 0:
                 raise ValueError(f"{where}: video_timestamps were given but the sample has no video")
             timestamps = []
@@ -800,4 +800,5 @@ __all__ = [
     "PixelReferSample",
     "PixelReferSampleLayout",
     "object_token_count",
+    "to_rgb_array",
 ]

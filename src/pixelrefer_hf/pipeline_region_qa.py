@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from transformers import GenerationConfig, Pipeline
 from transformers.utils import logging
 
-from .image_processing_pixelrefer import _to_rgb_array
+from .image_processing_pixelrefer import to_rgb_array
 from .region_utils import region_to_mask, validate_frame_index
 from .sam_utils import (
     POINT_REGION_HELP,
@@ -62,7 +62,7 @@ def _load_image(image, where: str) -> np.ndarray:
                 image = ImageOps.exif_transpose(opened).convert("RGB")
         except (OSError, ValueError) as error:
             raise ValueError(f"{where}: cannot read image {path!r}: {error}") from error
-    return _to_rgb_array(image, where)
+    return to_rgb_array(image, where)
 
 
 class RegionQAPipeline(Pipeline):
