@@ -646,3 +646,23 @@ def test_bad_regions_name_the_sample_and_region(make_processor, region, message)
             images=[image, image],
             regions=[good, [good[0], region]],
         )
+
+
+@pytest.mark.parametrize("variant", ["pixelrefer", "pixelrefer-lite"])
+def test_outputs_do_not_depend_on_the_number_of_threads(make_processor, variant):
+    """Resizing is done in float64 numpy: torch's CPU kernels rounded values next to x.5 differently per thread count."""
+    processor = make_processor(variant)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(75, 91, 3), dtype=np.uint8)
+    masks = [box_mask(75, 91, (3, 9), (5, 12)), box_mask(75, 91, (20, 70), (10, 90))]
+    kwargs = {"text": "<image>\n<region> and <region>", "images": image, "regions": masks, "return_tensors": "pt"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = processor(**kwargs)
+        torch.set_num_threads(2)
+        double = processor(**kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    for key in single:
+        assert torch.equal(single[key], double[key]), key

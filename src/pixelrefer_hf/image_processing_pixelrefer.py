@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchFeature
 from transformers.image_utils import SizeDict
@@ -193,6 +192,16 @@ def _is_video_like(value) -> bool:
     return isinstance(value, (list, tuple)) or (isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4)
 
 
+def _blend_neighbours(values: np.ndarray, axis: int, source: np.ndarray, fraction: np.ndarray) -> np.ndarray:
+    """Linear interpolation along `axis`: `values[source] * (1 - fraction) + values[source + 1] * fraction`, the
+    neighbour clamped to the last index. `source` and `fraction` have one entry per output position."""
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    fraction = np.asarray(fraction, dtype=np.float64).reshape(shape)
+    following = values.take(np.minimum(source + 1, values.shape[axis] - 1), axis=axis)
+    return values.take(source, axis=axis) * (1 - fraction) + following * fraction
+
+
 def _box_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize an `(H, W, 3)` uint8 image like OpenCV `INTER_AREA` (what the official Lite code calls), in float.
 
@@ -229,23 +238,34 @@ def _box_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
         fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction))
         fraction = np.where(source >= size_in - 1, 0.0, fraction)
         source = np.minimum(source, size_in - 1)
-        shape = [1] * values.ndim
-        shape[axis] = -1
-        fraction = fraction.reshape(shape)
-        following = values.take(np.minimum(source + 1, size_in - 1), axis=axis)
-        return values.take(source, axis=axis) * (1 - fraction) + following * fraction
+        return _blend_neighbours(values, axis, source, fraction)
 
     resized = resize_axis(resize_axis(image.astype(np.float64), 0, height), 1, width)  # (height, width, 3)
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
+def _bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of the first two axes of `values` with half-pixel centres and no antialiasing (torch
+    `align_corners=False`, OpenCV `INTER_LINEAR`), in float64.
+
+    Computed separably in numpy: torch's CPU kernel rounds values next to x.5 (and mask values next to the 0.5
+    threshold) differently with the number of threads, which made crops and masks depend on the machine.
+    """
+
+    def resize_axis(array: np.ndarray, axis: int, size_out: int) -> np.ndarray:
+        size_in = array.shape[axis]
+        source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+        lower = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+        return _blend_neighbours(array, axis, lower, source - lower)
+
+    return resize_axis(resize_axis(values.astype(np.float64), 0, height), 1, width)
+
+
 def _bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of an `(H, W, 3)` uint8 image without antialiasing, rounded back to uint8."""
+    """Bilinear resize of an `(H, W, 3)` uint8 image (see `_bilinear`), rounded back to uint8."""
     if image.shape[:2] == (height, width):
         return image
-    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
-    return tensor[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.clip(np.rint(_bilinear(image, height, width)), 0, 255).astype(np.uint8)
 
 
 class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
@@ -754,9 +774,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         else:
             resized = _bilinear_resize(crop, height, width)
 
-        soft = F.interpolate(
-            torch.from_numpy(crop_mask)[None, None].float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False
-        )[0, 0].numpy()
+        soft = _bilinear(crop_mask, grid_h, grid_w)  # (grid_h, grid_w) float64
         patch_mask = soft > 0 if self.is_lite else soft >= 0.5
         if not patch_mask.any():
             # A thin object can fall between the bilinear sample points (or, with the PixelRefer off-by-one, lie on
