@@ -19,9 +19,11 @@ from pixelrefer_hf.testing import tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
-# OpenCV's bilinear / area resize works in fixed point and rounds differently from ours (float, then rounded): the
-# crops may differ by one grey level on some pixels, never more.
-MAX_GREY_LEVEL_DIFFERENCE = 1
+# OpenCV's bilinear / area resize works in fixed point and rounds differently from our numpy resize (float64, then
+# rounded): those crops may differ by one grey level on some pixels, never more. The "opencv" backend calls OpenCV
+# like the official code and must match exactly.
+MAX_GREY_LEVELS = {"numpy": 1, "opencv": 0}
+BACKENDS = ("numpy", "opencv")
 
 
 def load_fixture(variant: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -37,9 +39,11 @@ def official_layout(golden: dict[str, torch.Tensor]):
     return frames, regions
 
 
-def processed(variant: str, golden: dict[str, torch.Tensor], num_object_tokens: int):
+def processed(variant: str, golden: dict[str, torch.Tensor], num_object_tokens: int, backend: str = "numpy"):
     # The default budget (8192 visual tokens) leaves every crop and context image at its official size.
-    image_processor = PixelReferImageProcessor(variant=variant, num_object_tokens=num_object_tokens)
+    image_processor = PixelReferImageProcessor(
+        variant=variant, num_object_tokens=num_object_tokens, resize_backend=backend
+    )
     frames, regions = official_layout(golden)
     # Both frames as one video, so that the Lite per-frame local-crop cache applies as in the official code.
     features, _ = image_processor.preprocess_multimodal(videos=[frames], regions=[regions])
@@ -50,11 +54,12 @@ def split_per_image(values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.
     return list(values.split(grid_thw.prod(-1).tolist()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_scale_adaptive_crops_match_the_official_crop_function(variant):
+def test_scale_adaptive_crops_match_the_official_crop_function(variant, backend):
     golden, metadata = load_fixture(variant)
     num_crops = int(metadata["num_crops"])
-    image_processor, features = processed(variant, golden, int(metadata["num_object_tokens"]))
+    image_processor, features = processed(variant, golden, int(metadata["num_object_tokens"]), backend)
     grids = features["region_grid_thw"]
     pixel_values = split_per_image(features["region_pixel_values"], grids)
     patch_masks = split_per_image(features["region_patch_masks"], grids)
@@ -72,12 +77,13 @@ def test_scale_adaptive_crops_match_the_official_crop_function(variant):
         assert torch.equal(patch_masks[i].bool(), (official_mask > 0).flatten()), i
         expected, _, _ = image_processor._normalize_and_patchify(crop)
         difference = (pixel_values[i] - torch.from_numpy(expected)).abs()
-        assert float(difference.max()) <= MAX_GREY_LEVEL_DIFFERENCE * unit + 1e-6, (i, float(difference.max()) / unit)
+        assert float(difference.max()) <= MAX_GREY_LEVELS[backend] * unit + 1e-6, (i, float(difference.max()) / unit)
 
 
-def test_lite_context_images_match_the_official_ones_including_the_local_crop_reuse():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lite_context_images_match_the_official_ones_including_the_local_crop_reuse(backend):
     golden, metadata = load_fixture("pixelrefer-lite")
-    image_processor, features = processed("pixelrefer-lite", golden, int(metadata["num_object_tokens"]))
+    image_processor, features = processed("pixelrefer-lite", golden, int(metadata["num_object_tokens"]), backend)
     unit = 1 / 255 / image_processor.image_std[0]
     for kind in ("local", "global"):
         # Same sharing pattern: crop i uses our image index[i] exactly when it used the official distinct image index[i].
@@ -86,7 +92,7 @@ def test_lite_context_images_match_the_official_ones_including_the_local_crop_re
         for j, values in enumerate(ours):
             expected, _, _ = image_processor._normalize_and_patchify(golden[f"{kind}_{j}"].numpy())
             difference = (values - torch.from_numpy(expected)).abs()
-            assert float(difference.max()) <= MAX_GREY_LEVEL_DIFFERENCE * unit + 1e-6, (kind, j)
+            assert float(difference.max()) <= MAX_GREY_LEVELS[backend] * unit + 1e-6, (kind, j)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

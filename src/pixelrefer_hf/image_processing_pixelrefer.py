@@ -37,7 +37,14 @@ from transformers.utils import TensorType
 from .region_utils import region_to_mask, validate_frame_index
 
 
+try:  # optional: `resize_backend="opencv"` reproduces the official OpenCV resizes bit for bit
+    import cv2
+except ImportError:
+    cv2 = None
+
+
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
+RESIZE_BACKENDS = ("numpy", "opencv")
 
 
 def object_token_count(num_mask_patches: int, num_object_tokens: int, variant: str) -> int:
@@ -84,6 +91,10 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
         Drop merged video tokens that barely change from the previous frame (PixelRefer videos with > 1 frame).
     token_compression_threshold (`float`, *optional*, defaults to 0.1):
         A merged token is kept when its mean absolute change (normalised pixel values x 255) exceeds this.
+    resize_backend (`str`, *optional*, defaults to `"numpy"`):
+        How object crops and Lite context images are resized. `"numpy"` (no extra dependency, the same result on
+        every machine) matches OpenCV to within one grey level; `"opencv"` calls OpenCV as the official code does
+        and reproduces its crops exactly (needs `opencv-python-headless`).
     """
 
     variant: str
@@ -93,6 +104,7 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
     local_image_size: int
     global_image_size: int
     legacy_local_crop_reuse: bool
+    resize_backend: str
     max_visual_tokens: int
     video_merge_size: int
     use_token_compression: bool
@@ -343,6 +355,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     video_merge_size = 2
     use_token_compression = True
     token_compression_threshold = 0.1
+    resize_backend = "numpy"
 
     def __init__(
         self,
@@ -357,10 +370,15 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         video_merge_size: int = 2,
         use_token_compression: bool = True,
         token_compression_threshold: float = 0.1,
+        resize_backend: str = "numpy",
         **kwargs,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if resize_backend not in RESIZE_BACKENDS:
+            raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
+        if resize_backend == "opencv" and cv2 is None:
+            raise ValueError('resize_backend="opencv" needs OpenCV: pip install opencv-python-headless')
         is_lite = variant == "pixelrefer-lite"
         if max_object_patches is None:
             max_object_patches = 50 if is_lite else 100
@@ -382,6 +400,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             video_merge_size=video_merge_size,
             use_token_compression=use_token_compression,
             token_compression_threshold=token_compression_threshold,
+            resize_backend=resize_backend,
             **kwargs,
         )
 
@@ -769,10 +788,9 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"{where}: {error}") from error
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
 
-        if self.is_lite and height < crop_height and width < crop_width:
-            resized = _box_resize(crop, height, width)
-        else:
-            resized = _bilinear_resize(crop, height, width)
+        # Official: OpenCV's default (linear) for PixelRefer; Lite switches to area averaging when shrinking both ways.
+        area = self.is_lite and height < crop_height and width < crop_width
+        resized = self._resize(crop, height, width, area=area)
 
         soft = _bilinear(crop_mask, grid_h, grid_w)  # (grid_h, grid_w) float64
         patch_mask = soft > 0 if self.is_lite else soft >= 0.5
@@ -799,7 +817,14 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         height, width = smart_resize(
             side, side, factor=self.patch_size, min_pixels=self.size.shortest_edge, max_pixels=max_pixels
         )
-        return self._normalize_and_patchify(_box_resize(image, height, width))
+        return self._normalize_and_patchify(self._resize(image, height, width, area=True))
+
+    def _resize(self, image: np.ndarray, height: int, width: int, area: bool) -> np.ndarray:
+        """Resize an `(H, W, 3)` uint8 image like OpenCV `INTER_AREA` (`area=True`) or `INTER_LINEAR`."""
+        if self.resize_backend == "opencv":
+            interpolation = cv2.INTER_AREA if area else cv2.INTER_LINEAR
+            return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+        return _box_resize(image, height, width) if area else _bilinear_resize(image, height, width)
 
     def _normalize_and_patchify(self, image: np.ndarray) -> tuple[np.ndarray, int, int]:
         """`(H, W, 3)` uint8 with `H, W` multiples of the patch size -> `((H/P) * (W/P), 3 * P * P)` raster patches."""
