@@ -129,6 +129,8 @@ def main(stage_args: StageArguments, training_args: SFTConfig) -> None:
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
+    # Tear the process group down explicitly: left to interpreter exit, gloo's threads can abort a multi-process run.
+    trainer.accelerator.end_training()
 
 
 def default_training_arguments() -> dict:

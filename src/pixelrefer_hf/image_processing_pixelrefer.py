@@ -37,14 +37,18 @@ from transformers.utils import TensorType
 from .region_utils import region_to_mask, validate_frame_index
 
 
-try:  # optional: `resize_backend="opencv"` reproduces the official OpenCV resizes bit for bit
-    import cv2
-except ImportError:
-    cv2 = None
-
-
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 RESIZE_BACKENDS = ("numpy", "opencv")
+
+
+def _opencv():
+    """OpenCV, imported only for `resize_backend="opencv"`: loading its native libraries in every process that merely
+    imports the processor is not worth it, and it stays an optional dependency of the remote code."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise ValueError('resize_backend="opencv" needs OpenCV: pip install opencv-python-headless') from error
+    return cv2
 
 
 def object_token_count(num_mask_patches: int, num_object_tokens: int, variant: str) -> int:
@@ -377,8 +381,8 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if resize_backend not in RESIZE_BACKENDS:
             raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
-        if resize_backend == "opencv" and cv2 is None:
-            raise ValueError('resize_backend="opencv" needs OpenCV: pip install opencv-python-headless')
+        if resize_backend == "opencv":
+            _opencv()  # fail at construction, not at the first crop
         is_lite = variant == "pixelrefer-lite"
         if max_object_patches is None:
             max_object_patches = 50 if is_lite else 100
@@ -822,6 +826,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     def _resize(self, image: np.ndarray, height: int, width: int, area: bool) -> np.ndarray:
         """Resize an `(H, W, 3)` uint8 image like OpenCV `INTER_AREA` (`area=True`) or `INTER_LINEAR`."""
         if self.resize_backend == "opencv":
+            cv2 = _opencv()
             interpolation = cv2.INTER_AREA if area else cv2.INTER_LINEAR
             return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
         return _box_resize(image, height, width) if area else _bilinear_resize(image, height, width)
