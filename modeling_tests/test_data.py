@@ -11,6 +11,8 @@ import pytest
 import torch
 from datasets import load_dataset, load_from_disk
 from PIL import Image
+from synthetic_inputs import box_mask
+from synthetic_inputs import random_pil_image as random_image
 
 from pixelrefer_hf.collator import PixelReferDataCollator
 from pixelrefer_hf.data import (
@@ -23,16 +25,6 @@ from pixelrefer_hf.data import (
 )
 from pixelrefer_hf.region_utils import polygons_to_mask, rle_decode, rle_encode
 from pixelrefer_hf.testing import tiny_model_and_processor
-
-
-def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def box_mask(height: int, width: int, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=bool)
-    mask[rows[0] : rows[1], cols[0] : cols[1]] = True
-    return mask
 
 
 def uncompressed_rle(mask: np.ndarray) -> dict:

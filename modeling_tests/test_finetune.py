@@ -9,18 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from PIL import Image
+from synthetic_inputs import box_mask
+from synthetic_inputs import random_pil_image as random_image
 from transformers import AutoModelForImageTextToText
 from trl import SFTConfig
 
 from pixelrefer_hf.collator import IGNORE_INDEX, PixelReferDataCollator
 from pixelrefer_hf.data import build_region_chat_dataset, make_region_chat_row, synthetic_region_chat_dataset
 from pixelrefer_hf.testing import tiny_model_and_processor
-
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["pixelrefer", "pixelrefer-lite"]
@@ -31,16 +30,6 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def box_mask(height: int, width: int, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=bool)
-    mask[rows[0] : rows[1], cols[0] : cols[1]] = True
-    return mask
 
 
 def image_row(row_id: str, question: str = "What is <region>?", answer: str = "A red square.", num_regions: int = 1):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_inputs import box_mask, random_image
 from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
 
 from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor, _box_resize, object_token_count
 from pixelrefer_hf.processing_pixelrefer import PixelReferProcessor
 from pixelrefer_hf.tokenizer_assets import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
-
 
 VARIANTS = ["pixelrefer", "pixelrefer-lite"]
 IMAGE_ID, REGION_ID = 3, 4  # ids of `<image>` and `<REGION>` in the tiny tokenizer
@@ -31,16 +31,6 @@ def make_processor(tokenizer):
         return PixelReferProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
     return make
-
-
-def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def box_mask(height: int, width: int, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=bool)
-    mask[rows[0] : rows[1], cols[0] : cols[1]] = True
-    return mask
 
 
 def split_rows(tensor: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
