@@ -24,18 +24,16 @@ attention counted over the full square as torch's SDPA counter does. The paper's
 
 import argparse
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
+from bench_utils import add_run_arguments, markdown_table, parse_run_arguments, real_config, write_results
 from tokenizers import Regex, pre_tokenizers
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_utils import markdown_table, real_config, write_results
 from pixelrefer_hf import PixelReferForConditionalGeneration
 from pixelrefer_hf.testing import processor_for_config
 from pixelrefer_hf.tokenizer_assets import SPECIAL_TOKENS, build_tiny_tokenizer
-
 
 # Evaluation prompts of the official code (official_spec.md §8): DLC-Bench for images, HC-STVG for videos (the
 # official Lite prompt's spelling kept).
@@ -199,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=20, help="frames of the video setting (HC-STVG: 20)")
     parser.add_argument("--smoke", action="store_true",
                         help="2B only, 2 layers, small image and video: checks that the script runs (CI)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
-    args = parser.parse_args(argv)
+    add_run_arguments(parser)
+    args = parse_run_arguments(parser, argv)
     if args.smoke:
         args.image_size, args.frame_size, args.frames, args.sizes = "112x140", "112x140", 3, "2b"
     image_hw = tuple(int(v) for v in args.image_size.split("x"))

@@ -15,24 +15,24 @@ otherwise). Peak memory is the process's peak RSS on the CPU (reset before each 
 import argparse
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_utils import (
+    add_run_arguments,
     best_seconds,
     markdown_table,
+    parse_run_arguments,
     peak_rss_mib,
     real_config,
     reset_peak_rss,
     timed,
     write_results,
 )
+
 from pixelrefer_hf import PixelReferForConditionalGeneration
 from pixelrefer_hf.testing import processor_for_config, tiny_model_and_processor
 from pixelrefer_hf.tokenizer_assets import build_tiny_tokenizer
-
 
 QUESTIONS = [
     "What is <region>?",
@@ -157,12 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are emulated on most CPUs)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, batch 2, 2 new tokens, one run (CI)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_run_arguments(parser, timed_on_cpu=True)
+    args = parse_run_arguments(parser, argv)
     if args.smoke:
         args.sizes, args.batch_size, args.new_tokens, args.repeats = "tiny", 2, 2, 1
     device = "cuda" if torch.cuda.is_available() else "cpu"

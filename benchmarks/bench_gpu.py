@@ -16,17 +16,15 @@ implementation (flash_attention_2 only when flash-attn is importable) and settin
 
 import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
-
 from bench_flops import make_inputs
-from bench_utils import best_seconds, markdown_table, real_config, write_results
+from bench_utils import add_run_arguments, best_seconds, markdown_table, parse_run_arguments, real_config, write_results
+from transformers.utils import is_flash_attn_2_available
+
 from pixelrefer_hf import PixelReferForConditionalGeneration
 from pixelrefer_hf.testing import processor_for_config, tiny_config
 from pixelrefer_hf.tokenizer_assets import build_tiny_tokenizer
-from transformers.utils import is_flash_attn_2_available
-
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 
@@ -77,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--smoke", action="store_true",
                         help="run on the CPU with the tiny model and small inputs: checks the script, measures nothing")
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
-    args = parser.parse_args(argv)
+    add_run_arguments(parser)
+    args = parse_run_arguments(parser, argv)
     if args.smoke:
         size, device, dtype = "tiny", "cpu", torch.float32
         args.new_tokens, args.repeats, args.image_size, args.frame_size, args.frames = 2, 1, "56x70", "56x70", 2

@@ -21,11 +21,10 @@ only: position embedding, gather, k-means).
 
 import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
+from bench_utils import add_run_arguments, best_seconds, markdown_table, parse_run_arguments, real_config, write_results
 
-from bench_utils import best_seconds, markdown_table, real_config, write_results
 from pixelrefer_hf import PixelReferObjectTokenizer
 from pixelrefer_hf.modeling_pixelrefer import relative_box_positions
 
@@ -119,12 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs per measurement, interleaved (fastest reported)")
     parser.add_argument("--smoke", action="store_true", help="regions 1,3 and one repeat (CI)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_run_arguments(parser, timed_on_cpu=True)
+    args = parse_run_arguments(parser, argv)
     if args.smoke:
         args.regions, args.repeats = "1,3", 1
 

@@ -4,6 +4,7 @@ The scripts import this module as `bench_utils` (they run as `python benchmarks/
 first on `sys.path`). Nothing here downloads anything.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -13,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 import transformers
-from pixelrefer_hf import PixelReferConfig
 
+from pixelrefer_hf import PixelReferConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -56,6 +56,22 @@ REAL_TEXT_CONFIGS = {
         "tie_word_embeddings": False,
     },
 }
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, timed_on_cpu: bool = False) -> None:
+    """Arguments every benchmark shares: where results go and, for timed CPU runs, the thread count."""
+    if timed_on_cpu:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and apply `--threads` before anything is timed."""
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def real_config(size: str, variant: str, num_layers: int | None = None, **overrides) -> PixelReferConfig:
