@@ -38,7 +38,6 @@ from pixelrefer_hf.collator import PixelReferDataCollator
 from pixelrefer_hf.data import load_official_annotations, synthetic_region_chat_dataset
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 # LoRA targets: the Qwen2 projections inside `model.language_model` (PEFT matches the regex against full names).
 LANGUAGE_MODEL_TARGETS = r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # Trained in full: SAOT (position embedding + token MLP), OCI (Lite only) and the global projector (PixelRefer only).

@@ -1,6 +1,6 @@
 """Ask about regions of an image with `pipeline("region-qa")`: one question, a batch, every kind of region.
 
-python examples/region_qa_pipeline.py                               # tiny random model: offline, answers are noise
+python examples/region_qa_pipeline.py                               # bundled demo model (synthetic shapes), offline
 python examples/region_qa_pipeline.py --model PATH_OR_REPO          # a converted or trained checkpoint
 python examples/region_qa_pipeline.py --image photo.jpg --box 40,30,200,180 --question "What is <region>?"
 python examples/region_qa_pipeline.py --sam-model facebook/sam-vit-base --point 60,60   # a click, through SAM
@@ -26,16 +26,15 @@ def build_pipeline(model: str | None):
     if model:
         # A saved folder carries the pipeline code: this works without pixelrefer_hf installed.
         return pipeline("region-qa", model=model, trust_remote_code=True)
-    from pixelrefer_hf.testing import tiny_model_and_processor
+    from pixelrefer_hf.demo import demo_checkpoint
 
-    print("No --model given: using a tiny random model, so the answers below are meaningless.\n")
-    tiny_model, processor = tiny_model_and_processor("pixelrefer")
-    return pipeline("region-qa", model=tiny_model, processor=processor)
+    print("No --model given: using the bundled demo model, a toy that only knows synthetic coloured shapes.\n")
+    return pipeline("region-qa", model=demo_checkpoint("pixelrefer"), trust_remote_code=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder or hub repo; default: a tiny random model")
+    parser.add_argument("--model", help="checkpoint folder or hub repo; default: the bundled demo model")
     parser.add_argument("--image", help="an image file; default: a synthetic picture")
     parser.add_argument("--box", help="x0,y0,x1,y1 of the region to ask about (with --image)")
     parser.add_argument("--question", default="What is <region>?")
@@ -58,13 +57,14 @@ def main() -> None:
 
     # A batch: a mask, a box, a COCO-style polygon and two regions in one question, answered two at a time
     # (one left-padded `generate` call per pair).
+    square_outline = [120, 90, 169, 90, 169, 139, 120, 139]  # COCO polygon: x0, y0, x1, y1, ...
     items = [
         {"image": image, "regions": [disc], "question": "What color is <region>?"},
         {"image": image, "regions": [[120, 90, 170, 140]], "question": "What shape is <region>?"},
-        {"image": image, "regions": [{"polygons": [[120, 90, 169, 90, 169, 139, 120, 139]]}], "question": "<region>?"},
-        {"image": image, "regions": [disc, [120, 90, 170, 140]], "question": "Compare <region> with <region>."},
+        {"image": image, "regions": [{"polygons": [square_outline]}], "question": "What is <region>?"},
+        {"image": image, "regions": [disc, [120, 90, 170, 140]], "question": "Is <region> larger than <region>?"},
         # A bad item: two placeholders, one region. With skip_bad_items it gets an error, the others still run.
-        {"image": image, "regions": [disc], "question": "Is <region> left of <region>?"},
+        {"image": image, "regions": [disc], "question": "Is <region> larger than <region>?"},
     ]
     for item, result in zip(items, pipe(items, batch_size=2, skip_bad_items=True, **options), strict=True):
         print(f"{item['question']!r:40} -> {result}")

@@ -1,6 +1,6 @@
 """Stream an answer token by token with `pipeline("region-qa")` and transformers' `TextIteratorStreamer`.
 
-    python examples/region_qa_streaming.py                              # tiny random model: offline, answer is noise
+    python examples/region_qa_streaming.py                              # bundled demo model (synthetic shapes)
     python examples/region_qa_streaming.py --model PATH_OR_REPO         # a converted or trained checkpoint
 
 `generate` runs in a background thread and pushes text into the streamer; the main thread prints it as it comes.
@@ -17,16 +17,15 @@ from transformers import TextIteratorStreamer, pipeline
 def build_pipeline(model: str | None):
     if model:
         return pipeline("region-qa", model=model, trust_remote_code=True)
-    from pixelrefer_hf.testing import tiny_model_and_processor
+    from pixelrefer_hf.demo import demo_checkpoint
 
-    print("No --model given: using a tiny random model, so the answer below is meaningless.\n")
-    tiny_model, processor = tiny_model_and_processor("pixelrefer")
-    return pipeline("region-qa", model=tiny_model, processor=processor)
+    print("No --model given: using the bundled demo model, a toy that only knows synthetic coloured shapes.\n")
+    return pipeline("region-qa", model=demo_checkpoint("pixelrefer"), trust_remote_code=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder or hub repo; default: a tiny random model")
+    parser.add_argument("--model", help="checkpoint folder or hub repo; default: the bundled demo model")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
@@ -35,10 +34,10 @@ def main() -> None:
     image[40:100, 50:120] = (30, 160, 30)
     # skip_prompt: only the answer is streamed, not the chat-template prompt.
     streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    request = {"image": image, "regions": [[50, 40, 120, 100]], "question": "Describe <region>."}
+    request = {"image": image, "regions": [[50, 40, 120, 100]], "question": "What is <region>?"}
     worker = Thread(target=pipe, args=(request,), kwargs={"streamer": streamer, "max_new_tokens": args.max_new_tokens})
     worker.start()
-    print("Describe <region>. -> ", end="", flush=True)
+    print("What is <region>? -> ", end="", flush=True)
     for text in streamer:
         print(text, end="", flush=True)
     worker.join()

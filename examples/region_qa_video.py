@@ -1,6 +1,6 @@
 """Ask about an object in a video with `pipeline("region-qa")`: a region on one frame, or tracked on several.
 
-    python examples/region_qa_video.py                                  # tiny random model, synthetic clip (needs av)
+    python examples/region_qa_video.py                                  # bundled demo model, synthetic clip (needs av)
     python examples/region_qa_video.py --model PATH_OR_REPO             # a converted or trained checkpoint
     python examples/region_qa_video.py --video clip.mp4 --box 40,30,200,180 --fps 1 --max-frames 16
 
@@ -38,16 +38,15 @@ def write_clip(path: str, num_frames: int = 24, fps: int = 8) -> None:
 def build_pipeline(model: str | None):
     if model:
         return pipeline("region-qa", model=model, trust_remote_code=True)
-    from pixelrefer_hf.testing import tiny_model_and_processor
+    from pixelrefer_hf.demo import demo_checkpoint
 
-    print("No --model given: using a tiny random model, so the answers below are meaningless.\n")
-    tiny_model, processor = tiny_model_and_processor("pixelrefer")
-    return pipeline("region-qa", model=tiny_model, processor=processor)
+    print("No --model given: using the bundled demo model, a toy that only knows synthetic coloured shapes.\n")
+    return pipeline("region-qa", model=demo_checkpoint("pixelrefer"), trust_remote_code=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder or hub repo; default: a tiny random model")
+    parser.add_argument("--model", help="checkpoint folder or hub repo; default: the bundled demo model")
     parser.add_argument("--video", help="a video file; default: a synthetic clip")
     parser.add_argument("--box", default="10,40,50,80", help="x0,y0,x1,y1 of the object on the first decoded frame")
     parser.add_argument("--last-box", help="x0,y0,x1,y1 of the object on the last decoded frame (optional)")
@@ -69,7 +68,7 @@ def main() -> None:
         result = pipe(
             video=path,
             regions=[{0: box}],
-            question="What is <region> doing?",
+            question="What is <region>?",
             fps=args.fps,
             max_frames=args.max_frames,
             **options,
@@ -91,8 +90,8 @@ def main() -> None:
             last_box = box
         common = {"video": video.frames, "video_timestamps": video.timestamps}
         items = [
-            {**common, "regions": [{0: box}], "question": "Describe <region>."},
-            {**common, "regions": [{0: box, last: last_box}], "question": "Where does <region> move?"},
+            {**common, "regions": [{0: box}], "question": "What color is <region>?"},
+            {**common, "regions": [{0: box, last: last_box}], "question": "Which way does <region> move?"},
         ]
         for item, answer in zip(items, pipe(items, batch_size=2, **options), strict=True):
             print(f"{item['question']!r} -> {answer}")

@@ -35,7 +35,6 @@ from pixelrefer_hf.collator import PixelReferDataCollator
 from pixelrefer_hf.data import load_official_annotations, synthetic_region_chat_dataset
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 # Learning rate of the object tokenizer (+ OCI) per stage; everything else uses `--learning_rate` (1e-5).
 OBJECT_LEARNING_RATES = {1: 1e-3, 2: 1e-5}
 # Parameter-name fragments of the modules that get the object learning rate. Matched as substrings so that wrapper

@@ -253,4 +253,4 @@ def test_examples_run_on_the_tiny_model():
     pipeline_out, video_out, streaming_out = sections
     assert pipeline_out.count("{'answer': ") == 5 and "{'error': 'item 4: " in pipeline_out
     assert "decoded 3 frames at [0.0, 1.0, 2.0] s" in video_out and video_out.count("{'answer': ") == 3
-    assert "Describe <region>. -> " in streaming_out
+    assert "What is <region>? -> " in streaming_out

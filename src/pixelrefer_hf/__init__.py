@@ -28,7 +28,6 @@ from .modeling_pixelrefer import (
 from .pipeline_region_qa import RegionQAPipeline
 from .processing_pixelrefer import PixelReferProcessor
 
-
 __version__ = "0.1.0"
 
 AutoConfig.register(PixelReferConfig.model_type, PixelReferConfig, exist_ok=True)

@@ -1,6 +1,7 @@
 """The `pixelrefer` command: ask about regions of an image or video, describe a checkpoint, convert weights.
 
-    pixelrefer ask photo.jpg --box 40,30,200,180 "What is <region> doing?"
+    pixelrefer ask examples/assets/shapes.png --box 40,40,90,90 "What is <region>?"     # bundled demo model
+    pixelrefer ask photo.jpg --model path/to/PixelRefer-7B --box 40,30,200,180 "What is <region> doing?"
     pixelrefer ask photo.jpg --point 120,80 --sam-model facebook/sam-vit-base "What is <region>?"
     pixelrefer ask clip.mp4 --fps 2 --max-frames 16 --frame 0 --mask person.png "Where does <region> go?" --json
     pixelrefer ask clip.mp4 --box 10,40,50,80 --propagate --sam2-model facebook/sam2.1-hiera-tiny "Where is <region>?"
@@ -10,6 +11,9 @@
 Regions (`--box`, `--mask`, `--rle`, `--point`) may be repeated; they fill the question's `<region>` placeholders in
 the order they are given. On a video every region is drawn on frame `--frame` of the decoded frames; `--propagate`
 carries it to the other frames with a SAM2 video checkpoint (`--sam2-model`).
+
+Without `--model` the bundled demo checkpoint answers (`demo`; `demo-lite` for PixelRefer-Lite): a toy trained on
+synthetic coloured shapes (`pixelrefer_hf.demo`). `tiny-random` / `tiny-random-lite` are untrained test models.
 """
 
 import argparse
@@ -22,13 +26,14 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
-# The model `ask` and `info` use without `--model`. It names the tiny random model of `pixelrefer_hf.testing` until the
-# bundled demo checkpoint exists; then this constant becomes that checkpoint's folder or repo id.
+# Built-in model names: the bundled demo checkpoints (`pixelrefer_hf.demo`, trained on synthetic shapes) and the tiny
+# random models of `pixelrefer_hf.testing`. `ask` and `info` use the demo PixelRefer without `--model`.
+DEMO_MODELS = {"demo": "pixelrefer", "demo-lite": "pixelrefer-lite"}
 TINY_RANDOM_MODELS = {"tiny-random": "pixelrefer", "tiny-random-lite": "pixelrefer-lite"}
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "demo"
+MODEL_HELP = f"checkpoint folder or repo id, or demo, demo-lite, tiny-random[-lite] (default {DEFAULT_MODEL!r})"
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
@@ -76,8 +81,18 @@ def parse_region(kind: str, text: str):
 
 
 def load_model_and_processor(name: str):
-    """The model and processor of a checkpoint folder / repo id, or of a tiny random model (`tiny-random[-lite]`)."""
-    if name in TINY_RANDOM_MODELS:
+    """The model and processor of a checkpoint folder / repo id, of a bundled demo checkpoint (`demo[-lite]`) or of a
+    tiny random model (`tiny-random[-lite]`)."""
+    if name in DEMO_MODELS:
+        from .demo import demo_checkpoint
+
+        logger.warning(
+            f"Using {name!r}, the bundled toy model trained on synthetic coloured shapes: it knows colours, shapes, "
+            "sizes and motions of simple shapes and nothing about real photos. Pass --model with a converted "
+            "checkpoint for real answers (see `pixelrefer convert --help`)."
+        )
+        name = demo_checkpoint(DEMO_MODELS[name])
+    elif name in TINY_RANDOM_MODELS:
         from .testing import tiny_model_and_processor
 
         logger.warning(
@@ -242,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--fps", type=float, default=1.0, help="video: frames sampled per second (default 1)")
     ask.add_argument("--max-frames", type=int, default=32, help="video: at most this many frames (default 32)")
     ask.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
-    ask.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or repo id (default {DEFAULT_MODEL!r})")
+    ask.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ask.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     ask.add_argument("--json", action="store_true", help="print a JSON object instead of the bare answer")
     ask.set_defaults(handler=_ask)
 
     info = commands.add_parser("info", help="describe a checkpoint: variant, sizes, token budget, attention")
     info.add_argument(
-        "model", nargs="?", default=DEFAULT_MODEL, help=f"checkpoint folder or repo id (default {DEFAULT_MODEL!r})"
+        "model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP
     )
     info.add_argument("--json", action="store_true", help="print a JSON object")
     info.set_defaults(handler=_info)

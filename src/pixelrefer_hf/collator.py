@@ -12,7 +12,6 @@ from transformers.utils import logging
 
 from .data import IMAGE_TAG, REGION_PLACEHOLDER, ROLES, VIDEO_TAG, load_image, row_regions
 
-
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100

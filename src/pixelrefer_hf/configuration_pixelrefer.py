@@ -11,7 +11,6 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.video_llama_3.configuration_video_llama_3 import VideoLlama3VisionConfig
 
-
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 # Where the remote code of each Auto class lives. All three model factories give the generative class, so that
 # `AutoModel.from_pretrained(repo, trust_remote_code=True).generate(...)` works as users of region models expect.
@@ -31,6 +30,7 @@ CUSTOM_PIPELINES = {
     }
 }
 KMEANS_INITS = ("linspace", "random")
+OBJECT_CROPS = ("scale_adaptive", "frame")
 
 
 class PixelReferConfig(PreTrainedConfig):
@@ -73,6 +73,9 @@ class PixelReferConfig(PreTrainedConfig):
         oci_num_heads (`int`, *optional*, defaults to 8): Lite only. Heads of the two OCI cross-attentions.
         spatial_merge_size (`int`, *optional*, defaults to 2):
             Video frames are pooled 2x2 before the LLM; still images are not merged (VideoLLaMA3 convention).
+        image_merge_size (`int`, *optional*, defaults to 1):
+            Processor. Spatial merge of still images' global tokens: 1 in the released models; the demo checkpoints
+            pool still images 2x2 like video frames to keep their LLM sequences short.
         max_visual_tokens (`int`, *optional*, defaults to 8192):
             Processor. Budget of global visual tokens per sample (official `mm_max_length`), shared by its images or
             frames; object crops of a sample share the same budget in patches.
@@ -88,6 +91,10 @@ class PixelReferConfig(PreTrainedConfig):
         legacy_local_crop_reuse (`bool`, *optional*):
             Processor, Lite only. The released Lite code caches the local context crop per frame, so every object after
             the first on a frame sees the first object's crop. Defaults to `True` for Lite (what the weights saw).
+        object_crop (`str`, *optional*, defaults to `"scale_adaptive"`):
+            Processor. `"scale_adaptive"` is SAOT's object crop; `"frame"` is the plain-mask-pooling ablation (object
+            features are the masked patches of the whole frame at native scale), used by the demo checkpoints'
+            ablation only.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie `lm_head` to the input embeddings.
 
     Example:
@@ -123,11 +130,13 @@ class PixelReferConfig(PreTrainedConfig):
     global_image_size: int = 336
     oci_num_heads: int = 8
     spatial_merge_size: int = 2
+    image_merge_size: int = 1
     max_visual_tokens: int = 8192
     use_token_compression: bool = True
     token_compression_threshold: float = 0.1
     legacy_box_position: bool = True
     legacy_local_crop_reuse: bool | None = None
+    object_crop: str = "scale_adaptive"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -136,6 +145,8 @@ class PixelReferConfig(PreTrainedConfig):
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
         if self.kmeans_init not in KMEANS_INITS:
             raise ValueError(f"`kmeans_init` must be one of {KMEANS_INITS}, got {self.kmeans_init!r}.")
+        if self.object_crop not in OBJECT_CROPS:
+            raise ValueError(f"`object_crop` must be one of {OBJECT_CROPS}, got {self.object_crop!r}.")
         if self.num_object_tokens < 1:
             raise ValueError(f"`num_object_tokens` must be at least 1, got {self.num_object_tokens}.")
         if self.vision_config.hidden_size % self.oci_num_heads != 0:
@@ -175,8 +186,10 @@ class PixelReferConfig(PreTrainedConfig):
             "legacy_local_crop_reuse": self.legacy_local_crop_reuse,
             "max_visual_tokens": self.max_visual_tokens,
             "video_merge_size": self.spatial_merge_size,
+            "merge_size": self.image_merge_size,
             "use_token_compression": self.use_token_compression,
             "token_compression_threshold": self.token_compression_threshold,
+            "object_crop": self.object_crop,
         }
 
 

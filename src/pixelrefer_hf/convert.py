@@ -41,7 +41,6 @@ from .modeling_pixelrefer import PixelReferForConditionalGeneration
 from .processing_pixelrefer import PixelReferProcessor
 from .tokenizer_assets import CHAT_TEMPLATE, IMAGE_TOKEN, REGION_TOKEN
 
-
 logger = logging.get_logger(__name__)
 
 # Official model_type -> our variant.

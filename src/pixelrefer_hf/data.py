@@ -37,7 +37,6 @@ from transformers.utils import logging
 
 from .region_utils import polygons_to_mask, region_to_mask, rle_decode, rle_encode
 
-
 try:
     import av
 except ImportError:  # the `video` extra; only official *video file* annotations need it

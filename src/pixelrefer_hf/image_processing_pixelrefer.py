@@ -36,9 +36,9 @@ from transformers.utils import TensorType
 
 from .region_utils import region_to_mask, validate_frame_index
 
-
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 RESIZE_BACKENDS = ("numpy", "opencv")
+OBJECT_CROPS = ("scale_adaptive", "frame")
 
 
 def _opencv():
@@ -99,6 +99,10 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
         How object crops and Lite context images are resized. `"numpy"` (no extra dependency, the same result on
         every machine) matches OpenCV to within one grey level; `"opencv"` calls OpenCV as the official code does
         and reproduces its crops exactly (needs `opencv-python-headless`).
+    object_crop (`str`, *optional*, defaults to `"scale_adaptive"`):
+        `"scale_adaptive"` is SAOT's crop. `"frame"` is the ablation baseline of plain mask pooling: an object's
+        features are the patches under its mask in the whole frame at native scale (no crop, no upscaling of small
+        objects); its box and token count rules are unchanged.
     """
 
     variant: str
@@ -109,6 +113,7 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
     global_image_size: int
     legacy_local_crop_reuse: bool
     resize_backend: str
+    object_crop: str
     max_visual_tokens: int
     video_merge_size: int
     use_token_compression: bool
@@ -360,6 +365,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     use_token_compression = True
     token_compression_threshold = 0.1
     resize_backend = "numpy"
+    object_crop = "scale_adaptive"
 
     def __init__(
         self,
@@ -375,12 +381,15 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         use_token_compression: bool = True,
         token_compression_threshold: float = 0.1,
         resize_backend: str = "numpy",
+        object_crop: str = "scale_adaptive",
         **kwargs,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if resize_backend not in RESIZE_BACKENDS:
             raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
+        if object_crop not in OBJECT_CROPS:
+            raise ValueError(f"object_crop must be one of {OBJECT_CROPS}, got {object_crop!r}")
         if resize_backend == "opencv":
             _opencv()  # fail at construction, not at the first crop
         is_lite = variant == "pixelrefer-lite"
@@ -405,6 +414,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             use_token_compression=use_token_compression,
             token_compression_threshold=token_compression_threshold,
             resize_backend=resize_backend,
+            object_crop=object_crop,
             **kwargs,
         )
 
@@ -783,11 +793,20 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     def _object_crop(self, frame: np.ndarray, mask: np.ndarray, max_pixels: int, where: str) -> dict:
         """Crop, rescale, mask-downsample and patchify one object (design doc, "Scale-adaptive crop")."""
         box, window = self.crop_window(mask)
+        if self.object_crop == "frame":
+            # Ablation baseline (plain mask pooling): the whole frame at native scale; only the box stays the object's.
+            window = (0, 0, *mask.shape)
         top, left, row_end, col_end = window
         crop, crop_mask = frame[top:row_end, left:col_end], mask[top:row_end, left:col_end]
         crop_height, crop_width = crop_mask.shape
         try:
-            height, width = self.object_crop_size(int(mask.sum()), crop_height, crop_width, max_pixels)
+            if self.object_crop == "frame":
+                height, width = smart_resize(
+                    crop_height, crop_width, factor=self.patch_size, min_pixels=self.size.shortest_edge,
+                    max_pixels=max_pixels,
+                )
+            else:
+                height, width = self.object_crop_size(int(mask.sum()), crop_height, crop_width, max_pixels)
         except ValueError as error:  # smart_resize rejects an aspect ratio above 200
             raise ValueError(f"{where}: {error}") from error
         grid_h, grid_w = height // self.patch_size, width // self.patch_size

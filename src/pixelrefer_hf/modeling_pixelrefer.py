@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers import GenerationMixin, PreTrainedModel, Qwen2Model
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -34,7 +33,6 @@ from transformers.utils import is_flash_attn_2_available, logging
 from transformers.utils.generic import is_flash_attention_requested
 
 from .configuration_pixelrefer import PixelReferConfig
-
 
 logger = logging.get_logger(__name__)
 
@@ -851,10 +849,10 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
 
 
 __all__ = [
-    "PixelReferPreTrainedModel",
-    "PixelReferModel",
     "PixelReferForConditionalGeneration",
-    "PixelReferObjectTokenizer",
+    "PixelReferModel",
     "PixelReferObjectCentricInfusion",
+    "PixelReferObjectTokenizer",
+    "PixelReferPreTrainedModel",
     "kmeans_object_tokens",
 ]

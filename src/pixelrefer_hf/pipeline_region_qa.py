@@ -36,7 +36,6 @@ from .sam_utils import (
 )
 from .video_io import read_video
 
-
 logger = logging.get_logger(__name__)
 
 BOX_TO_MASK_MODES = ("box", "sam")

@@ -17,7 +17,6 @@ from transformers.utils import TensorType
 
 from .image_processing_pixelrefer import PixelReferSample, PixelReferSampleLayout
 
-
 # A visual tag with the newline that may follow it (Lite removes both), or a region placeholder.
 _PLACEHOLDER_PATTERN = re.compile(r"(?P<tag><image>|<video>)(?P<newline>\n?)|<region>")
 

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-
 ACCEPTED_REGION_FORMS = (
     "a binary mask of shape (H, W) (numpy array, torch tensor, or PIL image in mode '1', 'L', 'P', 'I' or 'F'), "
     "a box [x0, y0, x1, y1] in pixels, a COCO RLE dict {'size': [h, w], 'counts': ...}, "

@@ -30,7 +30,6 @@ from transformers.utils import cached_file, logging
 
 from .region_utils import region_to_mask, validate_frame_index
 
-
 logger = logging.get_logger(__name__)
 
 POINT_REGION_HELP = (

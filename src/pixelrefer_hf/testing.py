@@ -15,7 +15,6 @@ from .modeling_pixelrefer import PixelReferForConditionalGeneration
 from .processing_pixelrefer import PixelReferProcessor
 from .tokenizer_assets import CHAT_TEMPLATE, build_tiny_tokenizer
 
-
 TINY_VISION_CONFIG = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -76,4 +75,4 @@ def tiny_model_and_processor(
     return model, processor_for_config(config, tokenizer)
 
 
-__all__ = ["tiny_config", "processor_for_config", "tiny_model_and_processor"]
+__all__ = ["processor_for_config", "tiny_config", "tiny_model_and_processor"]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 from transformers.utils import logging
 
-
 try:
     import av
 except ImportError:  # the `video` extra is optional; `read_video` says how to install it
@@ -132,4 +131,4 @@ def read_video(
     return DecodedVideo(frames=frames, timestamps=timestamps, source_fps=source_fps)
 
 
-__all__ = ["DecodedVideo", "INSTALL_HINT", "read_video"]
+__all__ = ["INSTALL_HINT", "DecodedVideo", "read_video"]

@@ -1,0 +1,69 @@
+"""Exact-match accuracy of region models on held-out synthetic shapes, per question kind and per object size.
+
+    python examples/evaluate_shapes.py                    # both bundled demo checkpoints, 100 questions per kind
+    python examples/evaluate_shapes.py --model ablation=runs/shapes-mask-pooling --num-per-kind 100
+    python examples/evaluate_shapes.py --json results.json --show-mistakes
+
+Questions come from `pixelrefer_hf.synthetic.shapes_questions` with `--seed` (default 1000; the demo checkpoints were
+trained on scenes of seed 0), one question of each kind per scene: `what` ("a red circle"), `color`, `shape`,
+`larger` (two regions, yes / no) and `direction` (8-frame video, left / right / up / down). The size columns score the
+`what` / `color` / `shape` questions by the size of the object asked about. Answers are produced by
+`pipeline("region-qa")` in batches (greedy decoding) and compared after stripping blanks, case and a final full stop.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import pipeline
+
+from pixelrefer_hf.demo import DEMO_CHECKPOINTS, demo_checkpoint
+from pixelrefer_hf.synthetic import accuracy_table, score_shapes_answers, shapes_questions
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    """`NAME=PATH` or `PATH` (named after the folder)."""
+    name, _, path = text.rpartition("=")
+    return (name or path.rstrip("/").rsplit("/", 1)[-1]), path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", action="append", type=parse_model, metavar="[NAME=]PATH",
+        help="a checkpoint folder (repeatable); default: the bundled demo checkpoints",
+    )
+    parser.add_argument("--num-per-kind", type=int, default=100, help="questions of each kind")
+    parser.add_argument("--seed", type=int, default=1000, help="seed of the held-out scenes")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--json", help="also write the scores to this file")
+    parser.add_argument("--show-mistakes", action="store_true", help="print some wrong answers")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.model or [(name, demo_checkpoint(variant)) for variant, name in DEMO_CHECKPOINTS.items()]
+
+    items = shapes_questions(args.seed, args.num_per_kind)
+    results = {}
+    for name, path in models:
+        pipe = pipeline("region-qa", model=path, trust_remote_code=True)
+        started = time.perf_counter()
+        outputs = pipe([item.inputs for item in items], batch_size=args.batch_size, max_new_tokens=8, do_sample=False)
+        seconds = time.perf_counter() - started
+        results[name] = score_shapes_answers(items, [output["answer"] for output in outputs])
+        print(f"{name}: {len(items)} questions in {seconds:.0f} s")
+        if args.show_mistakes:
+            for kind, expected, answer in results[name]["wrong"]:
+                print(f"  {kind}: expected {expected!r}, got {answer!r}")
+
+    print()
+    print(accuracy_table(results))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"seed": args.seed, "num_per_kind": args.num_per_kind, "results": results}, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
