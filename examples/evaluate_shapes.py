@@ -3,6 +3,7 @@
     python examples/evaluate_shapes.py                    # both bundled demo checkpoints, 100 questions per kind
     python examples/evaluate_shapes.py --model ablation=runs/shapes-mask-pooling --num-per-kind 100
     python examples/evaluate_shapes.py --json results.json --show-mistakes
+    python examples/evaluate_shapes.py --update-cards     # write each model's row into its folder's README.md
 
 Questions come from `pixelrefer_hf.synthetic.shapes_questions` with `--seed` (default 1000; the demo checkpoints were
 trained on scenes of seed 0), one question of each kind per scene: `what` ("a red circle"), `color`, `shape`,
@@ -14,11 +15,12 @@ trained on scenes of seed 0), one question of each kind per scene: `what` ("a re
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import pipeline
 
-from pixelrefer_hf.demo import DEMO_CHECKPOINTS, demo_checkpoint
+from pixelrefer_hf.demo import DEMO_CHECKPOINTS, demo_checkpoint, replace_card_results
 from pixelrefer_hf.synthetic import accuracy_table, score_shapes_answers, shapes_questions
 
 
@@ -40,6 +42,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", help="also write the scores to this file")
     parser.add_argument("--show-mistakes", action="store_true", help="print some wrong answers")
+    parser.add_argument(
+        "--update-cards", action="store_true", help="write each model's table into the README.md of its folder"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,6 +65,13 @@ def main() -> None:
 
     print()
     print(accuracy_table(results))
+    if args.update_cards:
+        for name, path in models:
+            card_path = Path(path, "README.md")
+            table = accuracy_table({name: results[name]})
+            note = f"{args.num_per_kind} questions per kind, scene seed {args.seed}."
+            card_path.write_text(replace_card_results(card_path.read_text(), f"{table}\n\n{note}"))
+            print(f"updated {card_path}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"seed": args.seed, "num_per_kind": args.num_per_kind, "results": results}, file, indent=2)

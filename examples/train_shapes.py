@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from pixelrefer_hf.collator import PixelReferDataCollator
-from pixelrefer_hf.demo import demo_config_and_processor
+from pixelrefer_hf.demo import demo_config_and_processor, demo_model_card
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
 from pixelrefer_hf.synthetic import shapes_region_chat_dataset
 
@@ -107,6 +107,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "object_crop": shapes_args.object_crop,
         "steps": trainer.state.global_step,
         "rows": len(train_dataset),
+        "video_fraction": shapes_args.video_fraction,
         "batch_size": training_args.per_device_train_batch_size,
         "learning_rate": training_args.learning_rate,
         "torch_threads": torch.get_num_threads(),
@@ -117,6 +118,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     Path(training_args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    Path(training_args.output_dir, "README.md").write_text(demo_model_card(summary))
     print(json.dumps(summary, indent=2))
     trainer.accelerator.end_training()
 

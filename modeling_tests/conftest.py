@@ -2,7 +2,6 @@
 
 import os
 
-
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread: the tiny models gain nothing from more, and tests that start subprocesses would otherwise
@@ -10,6 +9,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after the environment above)
-
 
 torch.set_num_threads(1)

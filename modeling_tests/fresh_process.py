@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 BLOCK_PACKAGE = textwrap.dedent(
     """
     import importlib.abc, sys

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

@@ -39,6 +39,13 @@ def files(tmp_path_factory):
     return {"folder": folder, "picture": picture, "mask": mask > 0}
 
 
+@pytest.fixture(autouse=True)
+def tiny_default_model(monkeypatch):
+    """These tests compare the command with the tiny random model's pipeline; the default (demo) model has its own
+    tests in test_demo_checkpoints.py."""
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", "tiny-random")
+
+
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     status = cli.main([str(arg) for arg in argv])
     captured = capsys.readouterr()

@@ -17,7 +17,6 @@ from PIL import Image
 from pixelrefer_hf import PixelReferConfig
 from pixelrefer_hf.convert import CARD_REPO_PREFIX, convert_checkpoint, model_card_text
 
-
 CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 CARDS = {
     "PixelRefer-2B": ("pixelrefer", 1536, "Qwen2.5-1.5B-Instruct", "89.8 / 82.5"),

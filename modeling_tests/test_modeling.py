@@ -6,7 +6,6 @@ import torch
 
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 VARIANTS = ["pixelrefer", "pixelrefer-lite"]
 
 

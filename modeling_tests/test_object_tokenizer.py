@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from torch import nn
-
 from transformers import AttentionInterface
 
 from pixelrefer_hf import PixelReferConfig, PixelReferForConditionalGeneration
@@ -18,7 +17,6 @@ from pixelrefer_hf.modeling_pixelrefer import (
     kmeans_object_tokens,
     relative_box_positions,
 )
-
 
 IMAGE_TOKEN, REGION_TOKEN = 5, 6
 

@@ -16,7 +16,6 @@ from pixelrefer_hf import PixelReferImageProcessor, PixelReferObjectCentricInfus
 from pixelrefer_hf.convert import convert_state_dict
 from pixelrefer_hf.testing import tiny_config
 
-
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 # OpenCV's bilinear / area resize works in fixed point and rounds differently from our numpy resize (float64, then

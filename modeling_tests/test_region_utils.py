@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 # The package is flat remote code under src/ and is not installed in the test environment.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -19,7 +18,6 @@ from pixelrefer_hf.region_utils import (  # noqa: E402
     rle_encode,
     validate_frame_index,
 )
-
 
 WHERE = "sample 2, region 1"
 SIZE = (6, 8)

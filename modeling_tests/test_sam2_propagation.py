@@ -13,7 +13,6 @@ from pixelrefer_hf import RegionQAPipeline, cli
 from pixelrefer_hf.sam_utils import Sam2FramePreprocessing, Sam2VideoPropagator
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 HEIGHT, WIDTH, NUM_FRAMES = 40, 56, 4
 QUESTION = "What is <region>?"
 # Not SAM2's ImageNet statistics, so that a test notices when the checkpoint's file is ignored.

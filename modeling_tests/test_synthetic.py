@@ -27,7 +27,6 @@ from pixelrefer_hf.synthetic import (
 )
 from pixelrefer_hf.testing import tiny_model_and_processor
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -93,4 +93,143 @@ def demo_checkpoint(variant: str = "pixelrefer") -> str:
     return str(path)
 
 
-__all__ = ["DEMO_CHECKPOINTS", "demo_checkpoint", "demo_config", "demo_config_and_processor"]
+# The evaluation table of a demo card sits between these markers; `examples/evaluate_shapes.py --update-cards` fills it.
+CARD_RESULTS_BEGIN = "<!-- evaluate_shapes:begin -->"
+CARD_RESULTS_END = "<!-- evaluate_shapes:end -->"
+
+_CARD_TEMPLATE = """---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- pixelrefer
+- region-understanding
+- toy-model
+- synthetic-data
+---
+
+# {title}: a toy trained on synthetic shapes
+
+**This is not a real PixelRefer model.** It is a {parameters_m:.1f} M parameter {framework} model trained from
+scratch in {minutes} minutes on a CPU, on synthetic 224x224 scenes of coloured circles, squares and triangles
+(`pixelrefer_hf.synthetic`). It knows five colours, three shapes, which of two shapes is larger and which way a shape
+moves in an 8-frame clip, and nothing else: on real photos its answers are meaningless. It ships with `pixelrefer_hf`
+so that the `pixelrefer` command, the examples and the tests run a model that really reads regions, offline.
+
+For real weights, convert a released checkpoint (`Alibaba-DAMO-Academy/PixelRefer-7B`, ...) with
+`pixelrefer convert --official SNAPSHOT --out FOLDER`; see the cards in `model_cards/`.
+
+## Questions it answers
+
+| question | answer |
+|---|---|
+| `What is <region>?` | `a {{color}} {{shape}}` |
+| `What color is <region>?` | red, green, blue, yellow or purple |
+| `What shape is <region>?` | circle, square or triangle |
+| `Is <region> larger than <region>?` | yes or no |
+| `Which way does <region> move?` (video) | left, right, up or down |
+
+## Use
+
+```python
+from transformers import pipeline
+from pixelrefer_hf.demo import demo_checkpoint
+
+pipe = pipeline("region-qa", model=demo_checkpoint("{variant}"), trust_remote_code=True)
+pipe(image="examples/assets/shapes.png", regions=[[40, 40, 90, 90]], question="What is <region>?")
+```
+
+or `pixelrefer ask examples/assets/shapes.png --model {cli_name} --box 40,40,90,90 "What is <region>?"`. The folder
+holds its remote code, so `AutoModel` / `AutoProcessor` / `pipeline("region-qa")` load it with `trust_remote_code=True`
+where `pixelrefer_hf` is not installed.
+
+## Training
+
+* Architecture: `pixelrefer_hf.demo.demo_config("{variant}")`: NaViT vision tower 3 x 128 (patch 14), Qwen2 LLM 4 x 256,
+  8 object tokens per region, still images and video frames pooled 2x2, every weight random at the start.
+* Data: {rows} synthetic conversations (scene seed 0; {video_percent}% videos), 1 to 4 questions each, loss on the
+  answers only.
+* Optimisation: TRL `SFTTrainer`, AdamW, learning rate {learning_rate}, cosine schedule with warm-up, batch
+  {batch_size}, {steps} steps, float32.
+* Time: {minutes} minutes including data generation, {torch_threads} CPU thread(s) (two variants trained at once on a
+  2-core machine). Logged training loss {first_loss} at the start, {last_loss} at the end.
+* Command: `python examples/train_shapes.py --variant {variant} --output_dir OUT` (see the script for the exact
+  settings).
+
+## Evaluation
+
+Exact-match accuracy on held-out scenes (`python examples/evaluate_shapes.py`, scene seed 1000; size columns score the
+what / color / shape questions by the size of the object asked about):
+
+{results_begin}
+(not evaluated yet)
+{results_end}
+
+## Limits
+
+It answers only the five questions above, in exactly these words, about shapes like those it was trained on; other
+questions get one of its five kinds of answers. Regions given as boxes around circles or triangles contain background
+pixels the model never saw inside a training mask. License: the code's (Apache-2.0).
+"""
+
+
+def demo_model_card(summary: dict) -> str:
+    """The model card (README.md) of a demo checkpoint, from the `training_summary.json` of `train_shapes.py`."""
+    variant = summary["variant"]
+    return _CARD_TEMPLATE.format(
+        title="PixelRefer-Lite demo" if variant == "pixelrefer-lite" else "PixelRefer demo",
+        framework="Object-Only (PixelRefer-Lite)" if variant == "pixelrefer-lite" else "Vision-Object (PixelRefer)",
+        cli_name="demo-lite" if variant == "pixelrefer-lite" else "demo",
+        variant=variant,
+        parameters_m=summary["parameters"] / 1e6,
+        minutes=summary["minutes_total"],
+        rows=summary["rows"],
+        video_percent=round(100 * summary.get("video_fraction", 0.25)),
+        learning_rate=summary["learning_rate"],
+        batch_size=summary["batch_size"],
+        steps=summary["steps"],
+        torch_threads=summary["torch_threads"],
+        first_loss=summary["first_logged_loss"],
+        last_loss=summary["last_logged_loss"],
+        results_begin=CARD_RESULTS_BEGIN,
+        results_end=CARD_RESULTS_END,
+    )
+
+
+def replace_card_results(card: str, results_markdown: str) -> str:
+    """`card` with the text between the evaluation markers replaced by `results_markdown`."""
+    begin, end = card.find(CARD_RESULTS_BEGIN), card.find(CARD_RESULTS_END)
+    if begin < 0 or end < begin:
+        raise ValueError("the model card has no evaluation markers to replace")
+    return card[: begin + len(CARD_RESULTS_BEGIN)] + "\n" + results_markdown.strip() + "\n" + card[end:]
+
+
+def refresh_demo_checkpoints() -> None:
+    """Re-save the bundled checkpoints with the installed code: their remote-code modules, `config.json` and processor
+    files are rewritten, the weights stay bit-identical. Run `python -m pixelrefer_hf.demo` after changing a module
+    that travels as remote code (a test fails until then)."""
+    from .modeling_pixelrefer import PixelReferForConditionalGeneration
+    from .processing_pixelrefer import PixelReferProcessor
+
+    for variant in DEMO_CHECKPOINTS:
+        path = demo_checkpoint(variant)
+        model = PixelReferForConditionalGeneration.from_pretrained(path)
+        processor = PixelReferProcessor.from_pretrained(path)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        print(f"refreshed {path}")
+
+
+__all__ = [
+    "DEMO_CHECKPOINTS",
+    "demo_checkpoint",
+    "demo_config",
+    "demo_config_and_processor",
+    "demo_model_card",
+    "refresh_demo_checkpoints",
+    "replace_card_results",
+]
+
+
+if __name__ == "__main__":
+    refresh_demo_checkpoints()

@@ -159,7 +159,10 @@ def _sample_size(rng: np.random.Generator, tiny_fraction: float) -> int:
     return round(math.exp(rng.uniform(math.log(16), math.log(MAX_SIZE))))
 
 
-def _overlaps(box: tuple[float, float, float, float], boxes: list[tuple[float, float, float, float]], gap: float) -> bool:
+Box = tuple[float, float, float, float]  # top, left, bottom, right
+
+
+def _overlaps(box: Box, boxes: list[Box], gap: float) -> bool:
     """Whether `box` (top, left, bottom, right) comes within `gap` pixels of any of `boxes`."""
     top, left, bottom, right = box
     return any(
@@ -252,7 +255,9 @@ def _larger_pairs(objects: list[ShapeObject]) -> list[tuple[int, int]]:
     ]
 
 
-def scene_questions(scene: ShapeScene, rng: np.random.Generator, kinds: tuple[str, ...] | None = None) -> list[ShapeQuestion]:
+def scene_questions(
+    scene: ShapeScene, rng: np.random.Generator, kinds: tuple[str, ...] | None = None
+) -> list[ShapeQuestion]:
     """Every question of the given kinds that the scene can answer, in a seeded order.
 
     Still scenes: `what`, `color` and `shape` about every shape and `larger` about up to 3 pairs (yes and no
@@ -339,7 +344,9 @@ class ShapesEvalItem:
                 "question": self.question.question}
 
 
-def shapes_questions(seed: int, num_per_kind: int = 50, kinds: tuple[str, ...] = QUESTION_KINDS) -> list[ShapesEvalItem]:
+def shapes_questions(
+    seed: int, num_per_kind: int = 50, kinds: tuple[str, ...] = QUESTION_KINDS
+) -> list[ShapesEvalItem]:
     """`num_per_kind` held-out single-turn questions of each kind, from scenes drawn with `seed`.
 
     Use a seed the training set did not use. One question per kind is taken from each scene, so questions of one

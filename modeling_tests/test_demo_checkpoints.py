@@ -1,0 +1,122 @@
+"""The bundled demo checkpoints: what ships, that they really answer region questions, and that training learns."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fresh_process import offline_env, run_python
+from transformers import AutoModel, AutoProcessor, pipeline
+
+import pixelrefer_hf
+from pixelrefer_hf import cli
+from pixelrefer_hf.demo import CARD_RESULTS_BEGIN, DEMO_CHECKPOINTS, demo_checkpoint
+from pixelrefer_hf.synthetic import score_shapes_answers, shapes_questions
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(pixelrefer_hf.__file__).parent
+EXAMPLE_IMAGE = ROOT / "examples" / "assets" / "shapes.png"
+VARIANTS = sorted(DEMO_CHECKPOINTS)
+# Held-out scenes for the tests: neither the training seed (0) nor the README evaluation seed (1000).
+TEST_SEED = 2024
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def demo_pipeline(request):
+    return request.param, pipeline("region-qa", model=demo_checkpoint(request.param), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpoint_folder_ships_safe_small_weights_card_and_current_remote_code(variant):
+    folder = Path(demo_checkpoint(variant))
+    files = {path.name for path in folder.iterdir()}
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size < 25_000_000
+    assert not {name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl"))}, files
+    card = (folder / "README.md").read_text()
+    assert "This is not a real PixelRefer model" in card and "pixelrefer convert" in card
+    assert CARD_RESULTS_BEGIN in card and "(not evaluated yet)" not in card
+    config = json.loads((folder / "config.json").read_text())
+    assert config["variant"] == variant and config["auto_map"]["AutoModel"].startswith("modeling_pixelrefer.")
+    code = sorted(name for name in files if name.endswith(".py"))
+    assert {"configuration_pixelrefer.py", "modeling_pixelrefer.py", "processing_pixelrefer.py"} <= set(code)
+    stale = [name for name in code if (folder / name).read_bytes() != (PACKAGE / name).read_bytes()]
+    assert not stale, f"{folder} carries outdated remote code {stale}: run `python -m pixelrefer_hf.demo`"
+
+
+def test_demo_checkpoints_answer_held_out_questions(demo_pipeline):
+    variant, pipe = demo_pipeline
+    items = shapes_questions(TEST_SEED, num_per_kind=8)  # 40 questions: 8 of each kind
+    outputs = pipe([item.inputs for item in items], batch_size=20, max_new_tokens=6, do_sample=False)
+    scores = score_shapes_answers(items, [output["answer"] for output in outputs])
+    correct = sum(entry["correct"] for entry in scores["kinds"].values())
+    assert correct / len(items) >= 0.9, (variant, scores["kinds"], scores["wrong"])
+    for kind, entry in scores["kinds"].items():
+        assert entry["accuracy"] >= 0.75, (variant, kind, scores["wrong"])
+
+
+def test_readme_main_command_answers_with_the_demo_checkpoint(capsys):
+    status = cli.main(["ask", str(EXAMPLE_IMAGE), "--box", "40,40,90,90", "What is <region>?"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out.strip() == "a red square"
+    status = cli.main(["ask", str(EXAMPLE_IMAGE), "--model", "demo-lite", "--box", "40,40,90,90", "--json",
+                       "What color is <region>?"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert json.loads(captured.out)["answer"] == "red"
+
+
+def test_default_model_of_the_command_is_the_demo_checkpoint(capsys):
+    assert cli.DEFAULT_MODEL == "demo"
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "variant:      pixelrefer\n" in out
+
+
+def test_demo_checkpoint_loads_without_the_package(tmp_path):
+    """Auto classes and the pipeline, in a fresh offline process where `pixelrefer_hf` cannot be imported."""
+    code = f"""
+        import json
+        from transformers import AutoModel, AutoProcessor, pipeline
+        path = {demo_checkpoint("pixelrefer-lite")!r}
+        model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        pipe = pipeline("region-qa", model=path, trust_remote_code=True)
+        answer = pipe(image={str(EXAMPLE_IMAGE)!r}, regions=[[40, 30, 84, 74]], question="What shape is <region>?",
+                      max_new_tokens=6)
+        result = {{"model": type(model).__name__, "processor": type(processor).__name__, "answer": answer["answer"]}}
+        print("RESULT" + json.dumps(result))
+    """
+    result = run_python(code, cwd=tmp_path)
+    assert result == {
+        "model": "PixelReferForConditionalGeneration", "processor": "PixelReferProcessor", "answer": "triangle"
+    }
+    # The same answer as with the package installed.
+    model = AutoModel.from_pretrained(demo_checkpoint("pixelrefer-lite"), trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(demo_checkpoint("pixelrefer-lite"), trust_remote_code=True)
+    assert type(model).__module__ == "pixelrefer_hf.modeling_pixelrefer"
+    assert type(processor).__module__ == "pixelrefer_hf.processing_pixelrefer"
+
+
+def test_short_training_from_scratch_lowers_the_loss(tmp_path):
+    output = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "examples" / "train_shapes.py"), "--output_dir", str(output), "--max_steps", "6",
+        "--num_train_rows", "24", "--per_device_train_batch_size", "4", "--warmup_steps", "0", "--logging_steps", "1",
+        "--threads", "1",
+    ]
+    env = offline_env()
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["last_logged_loss"] < 0.7 * summary["first_logged_loss"], summary
+    assert (output / "README.md").is_file() and not (output / "training_args.bin").exists()
+    model = AutoModel.from_pretrained(output, trust_remote_code=True)
+    assert model.config.legacy_box_position is False and model.config.num_object_tokens == 8
+    assert torch.isfinite(next(model.parameters())).all()
+    assert os.path.getsize(output / "model.safetensors") < 25_000_000
