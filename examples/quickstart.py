@@ -1,51 +1,44 @@
-"""Ask a question about a region of an image with PixelRefer or PixelRefer-Lite.
+"""Ask questions about regions of an image with PixelRefer or PixelRefer-Lite (model + processor + generate).
 
-    python examples/quickstart.py                              # tiny random model: runs offline, answers are noise
-    python examples/quickstart.py --variant pixelrefer-lite    # the Object-Only framework
+    python examples/quickstart.py                              # the bundled demo model (toy, synthetic shapes)
+    python examples/quickstart.py --variant pixelrefer-lite    # its Object-Only (PixelRefer-Lite) twin
     python examples/quickstart.py --model PATH_OR_REPO         # a saved or converted checkpoint (remote code)
 
 The region can be a binary mask, a box `[x0, y0, x1, y1]` in pixels, or a COCO RLE dict; the question refers to it
-with `<region>`.
+with `<region>`. The default image is `examples/assets/shapes.png`, the scene the demo models were made for.
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
+from pixelrefer_hf.demo import demo_checkpoint
 
-def make_image() -> tuple[np.ndarray, np.ndarray]:
-    """A grey 160x200 picture with a red disc and a blue square, and the disc's mask."""
-    image = np.full((160, 200, 3), 200, dtype=np.uint8)
-    yy, xx = np.mgrid[:160, :200]
-    disc = (yy - 60) ** 2 + (xx - 60) ** 2 <= 30**2
-    image[disc] = (220, 30, 30)
-    image[90:140, 120:170] = (30, 30, 220)
-    return image, disc
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "shapes.png"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder or hub repo; default: a tiny random model")
+    parser.add_argument("--model", help="checkpoint folder or hub repo; default: the bundled demo model of --variant")
     parser.add_argument("--variant", default="pixelrefer", choices=["pixelrefer", "pixelrefer-lite"])
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
 
-    # Model
-    if args.model:
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    else:
-        from pixelrefer_hf.testing import tiny_model_and_processor
+    # Model: any PixelRefer folder or repo loads the same way (the demo folder carries its remote code too).
+    path = args.model or demo_checkpoint(args.variant)
+    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 
-        print("No --model given: using a tiny random model, so the answers below are meaningless.")
-        model, processor = tiny_model_and_processor(args.variant)
-
-    # Inputs: one image, two regions (a mask and a box), one question about each, batched.
-    image, disc_mask = make_image()
-    questions = ["What is <region>?", "What color is <region>?"]
-    regions = [[disc_mask], [[120, 90, 170, 140]]]
+    # Inputs: one image, three questions (a box, a mask, and two boxes in one question), batched.
+    image = np.array(Image.open(EXAMPLE_IMAGE).convert("RGB"))
+    rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
+    circle_mask = (rows + 0.5 - 150) ** 2 + (cols + 0.5 - 60) ** 2 <= 30**2  # the blue circle, centre (60, 150)
+    questions = ["What is <region>?", "What shape is <region>?", "Is <region> larger than <region>?"]
+    regions = [[[40, 40, 90, 90]], [circle_mask], [[180, 110, 192, 122], [140, 30, 184, 74]]]
     prompts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
@@ -54,8 +47,9 @@ def main() -> None:
         )
         for question in questions
     ]
+    images = [image] * len(prompts)
     inputs = processor(
-        text=prompts, images=[image, image], regions=regions, padding=True, padding_side="left", return_tensors="pt"
+        text=prompts, images=images, regions=regions, padding=True, padding_side="left", return_tensors="pt"
     )
 
     # Generation

@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,12 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
     assert model.config.legacy_box_position is False and model.config.num_object_tokens == 8
     assert torch.isfinite(next(model.parameters())).all()
     assert os.path.getsize(output / "model.safetensors") < 25_000_000
+
+
+def test_quickstart_example_answers_with_the_demo_checkpoint(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "Q: What is <region>?\nA: a red square\n" in out
+    assert "Q: What shape is <region>?\nA: circle\n" in out
+    assert "Q: Is <region> larger than <region>?\nA: no\n" in out
