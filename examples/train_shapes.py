@@ -28,14 +28,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from pixelrefer_hf.collator import PixelReferDataCollator
 from pixelrefer_hf.demo import demo_config_and_processor, demo_model_card
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
-from pixelrefer_hf.synthetic import shapes_region_chat_dataset
+from pixelrefer_hf.synthetic import COLORS, SHAPES, draw_image_scene, shapes_region_chat_dataset
 
 
 @dataclass
@@ -54,6 +56,103 @@ class ShapesArguments:
         default=None, metadata={"help": "Stop (and save) once training has run this long, whatever the step."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    perception_steps: int = field(
+        default=300, metadata={"help": "Stage 1: steps of the object-perception warm-up (0 skips it)."}
+    )
+    perception_batch_size: int = field(default=32, metadata={"help": "Stage 1: objects per step."})
+    perception_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 1: learning rate."})
+    position_init_std: float = field(
+        default=1.0,
+        metadata={"help": "Init std of SAOT's box-position embedding (0 keeps the model's default init)."},
+    )
+
+
+class ObjectPerceptionHead(nn.Module):
+    """Stage 1 read-out: from the mean and max of an object's tokens, its shape and colour (classes) and its
+    log-area and centre (regression). Discarded after the warm-up; only the tower, SAOT and OCI keep what it taught."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.shape = nn.Linear(2 * hidden_size, len(SHAPES))
+        self.color = nn.Linear(2 * hidden_size, len(COLORS))
+        self.geometry = nn.Linear(2 * hidden_size, 3)  # log area, centre x, centre y (frame-normalised)
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.shape(pooled), self.color(pooled), self.geometry(pooled)
+
+
+def perception_batch(rng: np.random.Generator, size: int) -> tuple[list, list, torch.Tensor]:
+    """`size` objects from fresh still scenes: their frames, masks and targets `(shape, color, log area, x, y)`."""
+    frames, masks, targets = [], [], []
+    while len(masks) < size:
+        scene = draw_image_scene(rng)
+        for obj in scene.objects[: size - len(masks)]:
+            rows, cols = np.nonzero(obj.masks[0])
+            frames.append(scene.frames[0])
+            masks.append(obj.masks[0])
+            targets.append([SHAPES.index(obj.shape), list(COLORS).index(obj.color), np.log(obj.area / 224**2),
+                            cols.mean() / 224, rows.mean() / 224])
+    return frames, masks, torch.tensor(targets, dtype=torch.float32)
+
+
+def object_perception_warmup(model, processor, steps: int, batch_size: int, learning_rate: float, seed: int) -> list:
+    """Stage 1 (the paper's "object perception" stage, here with a direct read-out): train the vision tower, SAOT and
+    (Lite) OCI to put an object's shape, colour, size and place into its tokens before the LLM learns to read them.
+
+    From scratch the LLM first learns what random tokens already show (colour) and only slowly discovers shape, size
+    and motion, which the tower in turn learns only once the LLM asks for them; supervising the tokens directly
+    breaks that deadlock. Returns the loss of every step.
+    """
+    backbone = model.model
+    head = ObjectPerceptionHead(model.config.text_config.hidden_size)
+    modules = [backbone.vision_model, backbone.object_tokenizer, head]
+    if backbone.object_infusion is not None:
+        modules.append(backbone.object_infusion)
+    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    rng = np.random.default_rng(10_000 + seed)  # scenes apart from the SFT rows (seed 0) and evaluation (1000+)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        frames, masks, targets = perception_batch(rng, batch_size)
+        inputs, layouts = processor.image_processor.preprocess_multimodal(
+            images=frames, regions=[[mask] for mask in masks]
+        )
+        groups = [(inputs["region_pixel_values"], inputs["region_grid_thw"])]
+        if backbone.object_infusion is not None:
+            groups += [(inputs["region_local_pixel_values"], inputs["region_local_grid_thw"]),
+                       (inputs["region_global_pixel_values"], inputs["region_global_grid_thw"])]
+        encoded = backbone.encode_images(
+            [pixels for pixels, _ in groups], [grid for _, grid in groups],
+            [torch.ones_like(grid[:, 0]) for _, grid in groups],
+        )
+        context = {}
+        if backbone.object_infusion is not None:
+            context = {"local_features": encoded[1], "region_local_grid_thw": inputs["region_local_grid_thw"],
+                       "region_local_index": inputs["region_local_index"], "global_features": encoded[2],
+                       "region_global_grid_thw": inputs["region_global_grid_thw"],
+                       "region_global_index": inputs["region_global_index"]}
+        tokens = backbone.get_object_features(
+            encoded[0], inputs["region_grid_thw"], inputs["region_patch_masks"], inputs["region_boxes"],
+            inputs["region_image_sizes"], **context,
+        )  # (sum of per-object token counts, text hidden)
+        counts = [layout.region_token_counts[0][0] for layout in layouts]
+        pooled = torch.stack([torch.cat([t.mean(0), t.amax(0)]) for t in tokens.split(counts)])
+        shape_logits, color_logits, geometry = head(pooled)
+        loss = (
+            nn.functional.cross_entropy(shape_logits, targets[:, 0].long())
+            + nn.functional.cross_entropy(color_logits, targets[:, 1].long())
+            + 10 * nn.functional.mse_loss(geometry, targets[:, 2:] * torch.tensor([0.25, 1.0, 1.0]))
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if len(losses) % 25 == 0:
+            print(f"object perception step {len(losses)}/{steps}: loss {np.mean(losses[-25:]):.3f}", flush=True)
+    return losses
 
 
 class TimeBudget(TrainerCallback):
@@ -76,8 +175,23 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     config, processor = demo_config_and_processor(shapes_args.variant, object_crop=shapes_args.object_crop)
     torch.manual_seed(training_args.seed)
     model = PixelReferForConditionalGeneration(config)
+    if shapes_args.position_init_std:
+        # The position embedding maps frame coordinates in [0, 1] onto features that leave the tower's final
+        # LayerNorm at about unit scale. At the default init (std 0.02) positions are invisible next to them, and
+        # size and motion (which only positions tell once SAOT has rescaled an object) are learned very slowly.
+        position = model.model.object_tokenizer.position_embedding
+        torch.nn.init.normal_(position.weight, std=shapes_args.position_init_std)
+        torch.nn.init.zeros_(position.bias)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+
+    # Stage 1: object perception (tower, SAOT, OCI) with a direct read-out.
+    perception_losses = []
+    if shapes_args.perception_steps:
+        perception_losses = object_perception_warmup(
+            model, processor, shapes_args.perception_steps, shapes_args.perception_batch_size,
+            shapes_args.perception_learning_rate, training_args.seed,
+        )
 
     # Data: one pass over freshly drawn scenes (no row is seen twice).
     num_rows = shapes_args.num_train_rows or training_args.max_steps * training_args.per_device_train_batch_size
@@ -113,6 +227,9 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "torch_threads": torch.get_num_threads(),
         "minutes_total": round(minutes, 1),
         "train_runtime_minutes": round(result.metrics["train_runtime"] / 60, 1),
+        "perception_steps": shapes_args.perception_steps,
+        "perception_loss_first_last": [round(float(np.mean(perception_losses[:10])), 3),
+                                       round(float(np.mean(perception_losses[-10:])), 3)] if perception_losses else None,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "parameters": sum(p.numel() for p in model.parameters()),

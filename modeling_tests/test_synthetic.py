@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from pixelrefer_hf.collator import IGNORE_INDEX, PixelReferDataCollator
+from pixelrefer_hf.configuration_pixelrefer import PixelReferConfig
 from pixelrefer_hf.data import row_regions
+from pixelrefer_hf.demo import demo_config_and_processor
 from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor
 from pixelrefer_hf.synthetic import (
     COLORS,
@@ -187,3 +189,19 @@ def test_frame_object_crop_is_plain_mask_pooling_at_native_scale():
     assert out_pooled["region_boxes"].tolist() == out_adaptive["region_boxes"].tolist()  # same object box
     with pytest.raises(ValueError, match="object_crop must be one of"):
         PixelReferImageProcessor(object_crop="tile")
+
+
+def test_demo_config_drives_the_processor():
+    """`image_merge_size` and `object_crop` are config fields: the processor built from the config follows them."""
+    config, processor = demo_config_and_processor("pixelrefer", object_crop="frame")
+    image_processor = processor.image_processor
+    assert (image_processor.merge_size, image_processor.object_crop) == (2, "frame")
+    assert config.image_processor_kwargs()["merge_size"] == 2
+    scene = example_scene()
+    inputs = processor(
+        text=["<image>What is <region>?"], images=[scene.frames[0]], regions=[[scene.objects[0].masks[0]]],
+        return_tensors="pt",
+    )
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 64  # 16 x 16 patches pooled 2 x 2
+    with pytest.raises(ValueError, match="`object_crop` must be one of"):
+        PixelReferConfig(object_crop="tile")
