@@ -3,24 +3,28 @@
 # ///
 """Train a demo PixelRefer / PixelRefer-Lite from scratch on synthetic shapes with TRL's SFTTrainer (CPU friendly).
 
-The bundled demo checkpoints were made with exactly these commands (each on one core of a 2-core CPU, both at once):
+The bundled demo checkpoints were made with exactly these commands (each on one core of a 2-core CPU, both at once,
+under 30 minutes each including data generation):
 
-    python examples/train_shapes.py --variant pixelrefer \
-        --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
-    python examples/train_shapes.py --variant pixelrefer-lite \
-        --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
+    python examples/train_shapes.py --variant pixelrefer --perception_steps 500 --max_steps 380 --threads 1 \
+        --max_minutes 21 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
+    python examples/train_shapes.py --variant pixelrefer-lite --perception_steps 300 --max_steps 440 --threads 1 \
+        --max_minutes 20 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
 
 The ablation of the README (plain mask pooling over the whole frame instead of SAOT's scale-adaptive crop):
 
-    python examples/train_shapes.py --variant pixelrefer --object_crop frame --output_dir runs/shapes-mask-pooling
+    python examples/train_shapes.py --variant pixelrefer --object_crop frame --perception_steps 500 --max_steps 380 \
+        --threads 1 --max_minutes 21 --output_dir runs/shapes-mask-pooling
 
 A quick smoke run (a few steps, a few seconds):
 
-    python examples/train_shapes.py --output_dir runs/shapes-smoke --max_steps 3 --num_train_rows 24
+    python examples/train_shapes.py --output_dir runs/smoke --perception_steps 5 --max_steps 3 --num_train_rows 24
 
 Every weight starts random (`pixelrefer_hf.demo.demo_config`: a 3-layer 128-wide vision tower, a 4-layer 256-wide
-Qwen2, 8 object tokens); the data are conversations about `pixelrefer_hf.synthetic` scenes; the loss is on the answers
-only (`PixelReferDataCollator`). Evaluate with `examples/evaluate_shapes.py`.
+Qwen2, 8 object tokens). Stage 1 (`--perception_steps`) trains the tower, SAOT and OCI with a small read-out head that
+predicts each object's shape, colour, size and place from its tokens; stage 2 is TRL's `SFTTrainer` on conversations
+about `pixelrefer_hf.synthetic` scenes, every weight trained, loss on the answers only (`PixelReferDataCollator`).
+`--max_minutes` bounds stage 2's wall time. Evaluate with `examples/evaluate_shapes.py`.
 """
 
 import json
@@ -82,14 +86,15 @@ class ObjectPerceptionHead(nn.Module):
 
 
 def perception_batch(rng: np.random.Generator, size: int) -> tuple[list, list, torch.Tensor]:
-    """`size` objects from fresh still scenes: their frames, masks and targets `(shape, color, log area, x, y)`."""
+    """About `size` objects from fresh still scenes, grouped by scene (a scene is encoded once per sample): the frames,
+    the masks of each frame and per object the targets `(shape, color, log area, centre x, centre y)`."""
     frames, masks, targets = [], [], []
-    while len(masks) < size:
+    while len(targets) < size:
         scene = draw_image_scene(rng)
-        for obj in scene.objects[: size - len(masks)]:
+        frames.append(scene.frames[0])
+        masks.append([obj.masks[0] for obj in scene.objects])
+        for obj in scene.objects:
             rows, cols = np.nonzero(obj.masks[0])
-            frames.append(scene.frames[0])
-            masks.append(obj.masks[0])
             targets.append([SHAPES.index(obj.shape), list(COLORS).index(obj.color), np.log(obj.area / 224**2),
                             cols.mean() / 224, rows.mean() / 224])
     return frames, masks, torch.tensor(targets, dtype=torch.float32)
@@ -115,9 +120,7 @@ def object_perception_warmup(model, processor, steps: int, batch_size: int, lear
     model.train()
     for _ in range(steps):
         frames, masks, targets = perception_batch(rng, batch_size)
-        inputs, layouts = processor.image_processor.preprocess_multimodal(
-            images=frames, regions=[[mask] for mask in masks]
-        )
+        inputs, layouts = processor.image_processor.preprocess_multimodal(images=frames, regions=masks)
         groups = [(inputs["region_pixel_values"], inputs["region_grid_thw"])]
         if backbone.object_infusion is not None:
             groups += [(inputs["region_local_pixel_values"], inputs["region_local_grid_thw"]),
@@ -136,7 +139,7 @@ def object_perception_warmup(model, processor, steps: int, batch_size: int, lear
             encoded[0], inputs["region_grid_thw"], inputs["region_patch_masks"], inputs["region_boxes"],
             inputs["region_image_sizes"], **context,
         )  # (sum of per-object token counts, text hidden)
-        counts = [layout.region_token_counts[0][0] for layout in layouts]
+        counts = [region[0] for layout in layouts for region in layout.region_token_counts]
         pooled = torch.stack([torch.cat([t.mean(0), t.amax(0)]) for t in tokens.split(counts)])
         shape_logits, color_logits, geometry = head(pooled)
         loss = (
@@ -228,8 +231,9 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "minutes_total": round(minutes, 1),
         "train_runtime_minutes": round(result.metrics["train_runtime"] / 60, 1),
         "perception_steps": shapes_args.perception_steps,
-        "perception_loss_first_last": [round(float(np.mean(perception_losses[:10])), 3),
-                                       round(float(np.mean(perception_losses[-10:])), 3)] if perception_losses else None,
+        "perception_loss_first_last": [
+            round(float(np.mean(part)), 3) for part in (perception_losses[:10], perception_losses[-10:])
+        ] if perception_losses else None,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "parameters": sum(p.numel() for p in model.parameters()),
