@@ -6,15 +6,15 @@
 The bundled demo checkpoints were made with exactly these commands (each on one core of a 2-core CPU, both at once,
 under 30 minutes each including data generation):
 
-    python examples/train_shapes.py --variant pixelrefer --perception_steps 500 --max_steps 380 --threads 1 \
-        --max_minutes 21 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
-    python examples/train_shapes.py --variant pixelrefer-lite --perception_steps 300 --max_steps 440 --threads 1 \
-        --max_minutes 20 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
+    python examples/train_shapes.py --variant pixelrefer --perception_steps 500 --max_steps 400 --threads 1 \
+        --max_minutes 15 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
+    python examples/train_shapes.py --variant pixelrefer-lite --perception_steps 500 --max_steps 400 --threads 1 \
+        --max_minutes 13 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
 
 The ablation of the README (plain mask pooling over the whole frame instead of SAOT's scale-adaptive crop):
 
-    python examples/train_shapes.py --variant pixelrefer --object_crop frame --perception_steps 500 --max_steps 380 \
-        --threads 1 --max_minutes 21 --output_dir runs/shapes-mask-pooling
+    python examples/train_shapes.py --variant pixelrefer --object_crop frame --perception_steps 500 --max_steps 400 \
+        --threads 1 --max_minutes 15 --output_dir runs/shapes-mask-pooling
 
 A quick smoke run (a few steps, a few seconds):
 
@@ -23,7 +23,8 @@ A quick smoke run (a few steps, a few seconds):
 Every weight starts random (`pixelrefer_hf.demo.demo_config`: a 3-layer 128-wide vision tower, a 4-layer 256-wide
 Qwen2, 8 object tokens). Stage 1 (`--perception_steps`) trains the tower, SAOT and OCI with a small read-out head that
 predicts each object's shape, colour, size and place from its tokens; stage 2 is TRL's `SFTTrainer` on conversations
-about `pixelrefer_hf.synthetic` scenes, every weight trained, loss on the answers only (`PixelReferDataCollator`).
+about `pixelrefer_hf.synthetic` scenes with those frozen (the LLM and PixelRefer's global projector learn to read the
+tokens), loss on the answers only (`PixelReferDataCollator`).
 `--max_minutes` bounds stage 2's wall time. Evaluate with `examples/evaluate_shapes.py`.
 """
 
@@ -65,6 +66,11 @@ class ShapesArguments:
     )
     perception_batch_size: int = field(default=32, metadata={"help": "Stage 1: objects per step."})
     perception_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 1: learning rate."})
+    train_perception_in_sft: bool = field(
+        default=False,
+        metadata={"help": "Stage 2 also trains the tower, SAOT and OCI (default: frozen after stage 1, as the "
+                          "released recipe freezes the tower)."},
+    )
     position_init_std: float = field(
         default=1.0,
         metadata={"help": "Init std of SAOT's box-position embedding (0 keeps the model's default init)."},
@@ -195,6 +201,12 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
             model, processor, shapes_args.perception_steps, shapes_args.perception_batch_size,
             shapes_args.perception_learning_rate, training_args.seed,
         )
+        if not shapes_args.train_perception_in_sft:
+            # Stage 2 then teaches the LLM (and PixelRefer's global projector) to read the tokens stage 1 shaped;
+            # left trainable, the random LLM's early gradients wash those features out again.
+            for module in (model.model.vision_model, model.model.object_tokenizer, model.model.object_infusion):
+                if module is not None:
+                    module.requires_grad_(False)
 
     # Data: one pass over freshly drawn scenes (no row is seen twice).
     num_rows = shapes_args.num_train_rows or training_args.max_steps * training_args.per_device_train_batch_size
@@ -231,6 +243,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "minutes_total": round(minutes, 1),
         "train_runtime_minutes": round(result.metrics["train_runtime"] / 60, 1),
         "perception_steps": shapes_args.perception_steps,
+        "perception_frozen_in_sft": bool(shapes_args.perception_steps and not shapes_args.train_perception_in_sft),
         "perception_loss_first_last": [
             round(float(np.mean(part)), 3) for part in (perception_losses[:10], perception_losses[-10:])
         ] if perception_losses else None,

@@ -246,7 +246,7 @@ for script in sys.argv[1:]:
 """
 
 
-def test_examples_run_on_the_tiny_model():
+def test_examples_run_on_the_demo_model():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     scripts = [os.path.join(root, "examples", name) for name in EXAMPLES]
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}

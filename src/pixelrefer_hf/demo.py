@@ -147,14 +147,14 @@ where `pixelrefer_hf` is not installed.
 
 * Architecture: `pixelrefer_hf.demo.demo_config("{variant}")`: NaViT vision tower 3 x 128 (patch 14), Qwen2 LLM 4 x 256,
   8 object tokens per region, still images and video frames pooled 2x2, every weight random at the start.
-* Data: {rows} synthetic conversations (scene seed 0; {video_percent}% videos), 1 to 4 questions each, loss on the
-  answers only.
-* Optimisation: TRL `SFTTrainer`, AdamW, learning rate {learning_rate}, cosine schedule with warm-up, batch
-  {batch_size}, {steps} steps, float32.
+* Stage 1, object perception ({perception_steps} steps): the tower, SAOT and OCI learn to put each object's shape,
+  colour, size and place into its tokens, through a small read-out head that is then dropped.
+* Stage 2, TRL `SFTTrainer` ({steps} steps, batch {batch_size}, AdamW, learning rate {learning_rate}, cosine schedule,
+  float32, every weight trained): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), 1 to 4
+  questions each, loss on the answers only.
 * Time: {minutes} minutes including data generation, {torch_threads} CPU thread(s) (two variants trained at once on a
-  2-core machine). Logged training loss {first_loss} at the start, {last_loss} at the end.
-* Command: `python examples/train_shapes.py --variant {variant} --output_dir OUT` (see the script for the exact
-  settings).
+  2-core machine). Logged stage-2 loss {first_loss:.2f} at the start, {last_loss:.2f} at the end.
+* Command: see the docstring of `examples/train_shapes.py` for the exact command line.
 
 ## Evaluation
 
@@ -188,6 +188,7 @@ def demo_model_card(summary: dict) -> str:
         learning_rate=summary["learning_rate"],
         batch_size=summary["batch_size"],
         steps=summary["steps"],
+        perception_steps=summary.get("perception_steps", 0),
         torch_threads=summary["torch_threads"],
         first_loss=summary["first_logged_loss"],
         last_loss=summary["last_logged_loss"],

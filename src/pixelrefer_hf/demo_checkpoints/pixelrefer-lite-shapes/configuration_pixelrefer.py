@@ -1,0 +1,196 @@
+"""Configuration of PixelRefer (Vision-Object) and PixelRefer-Lite (Object-Only).
+
+Every constant of the released models lives here as a typed field, so that `config.json` describes the model
+completely. Fields marked "processor" are not read by the modeling code; `PixelReferConfig.image_processor_kwargs()`
+hands them to `PixelReferImageProcessor`, which keeps the crops and the token counts consistent with the model.
+"""
+
+from typing import ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.video_llama_3.configuration_video_llama_3 import VideoLlama3VisionConfig
+
+VARIANTS = ("pixelrefer", "pixelrefer-lite")
+# Where the remote code of each Auto class lives. All three model factories give the generative class, so that
+# `AutoModel.from_pretrained(repo, trust_remote_code=True).generate(...)` works as users of region models expect.
+AUTO_MAP = {
+    "AutoConfig": "configuration_pixelrefer.PixelReferConfig",
+    "AutoModel": "modeling_pixelrefer.PixelReferForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_pixelrefer.PixelReferForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_pixelrefer.PixelReferForConditionalGeneration",
+}
+# The `region-qa` pipeline written into every saved config.json, so that `pipeline("region-qa", model=folder,
+# trust_remote_code=True)` finds it; `PixelReferPreTrainedModel.save_pretrained` copies its module next to the weights.
+CUSTOM_PIPELINES = {
+    "region-qa": {
+        "impl": "pipeline_region_qa.RegionQAPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
+KMEANS_INITS = ("linspace", "random")
+OBJECT_CROPS = ("scale_adaptive", "frame")
+
+
+class PixelReferConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`PixelReferForConditionalGeneration`].
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The Qwen2 language model. Defaults to a `Qwen2Config`.
+        vision_config (`dict` or `VideoLlama3VisionConfig`, *optional*):
+            The VideoLLaMA3 NaViT SigLIP vision tower (hidden 1152, 27 layers, patch 14 in the released models).
+        variant (`str`, *optional*, defaults to `"pixelrefer"`):
+            `"pixelrefer"` is the Vision-Object framework (global image/frame tokens and object tokens reach the LLM);
+            `"pixelrefer-lite"` is the Object-Only framework (an Object-Centric Infusion module fuses local and global
+            context into the object tokens, and only object tokens reach the LLM).
+        image_token_id (`int`): id of the `<image>` token, one per global visual token.
+        region_token_id (`int`): id of the `<REGION>` token, one per object token.
+        num_object_tokens (`int`, *optional*, defaults to 32):
+            n, the number of tokens an object is reduced to by k-means (official `mask_num`).
+        kmeans_iterations (`int`, *optional*):
+            Iterations of the object-token k-means. Defaults to 5 for PixelRefer and 3 for PixelRefer-Lite, as in the
+            released code.
+        kmeans_tolerance (`float`, *optional*, defaults to 1e-6):
+            A region stops iterating once no centroid moves by more than this (official early stop).
+        kmeans_init (`str`, *optional*, defaults to `"linspace"`):
+            How the n initial centroids are picked among an object's patches: `"linspace"` takes evenly spaced patches
+            in raster order (deterministic, spatially spread, tokens come out in spatial order); `"random"` takes a
+            seeded pseudo-random subset, the closest match to the official `torch.randperm` initialisation. Both are
+            deterministic and batch-invariant.
+        kmeans_seed (`int`, *optional*, defaults to 0): seed of the `"random"` initialisation.
+        max_object_patches (`int`, *optional*):
+            Processor. Objects covering more patches than this are downscaled to about this many (100 for PixelRefer,
+            50 for PixelRefer-Lite).
+        context_pixels (`int`, *optional*, defaults to 28):
+            Processor. Context added around an object's tight box before cropping (2 patches).
+        local_image_size (`int`, *optional*, defaults to 224):
+            Processor, Lite only. Side of the square re-encode of the object's context crop (OCI local context).
+        global_image_size (`int`, *optional*, defaults to 336):
+            Processor, Lite only. Side of the square re-encode of the whole frame (OCI global context).
+        oci_num_heads (`int`, *optional*, defaults to 8): Lite only. Heads of the two OCI cross-attentions.
+        spatial_merge_size (`int`, *optional*, defaults to 2):
+            Video frames are pooled 2x2 before the LLM; still images are not merged (VideoLLaMA3 convention).
+        image_merge_size (`int`, *optional*, defaults to 1):
+            Processor. Spatial merge of still images' global tokens: 1 in the released models; the demo checkpoints
+            pool still images 2x2 like video frames to keep their LLM sequences short.
+        max_visual_tokens (`int`, *optional*, defaults to 8192):
+            Processor. Budget of global visual tokens per sample (official `mm_max_length`), shared by its images or
+            frames; object crops of a sample share the same budget in patches.
+        use_token_compression (`bool`, *optional*, defaults to `True`):
+            Processor. Drop video tokens that did not change since the previous frame (VideoLLaMA3 differential frame
+            pruning); the released weights were trained with it.
+        token_compression_threshold (`float`, *optional*, defaults to 0.1):
+            Processor. Mean absolute change (normalised pixels x 255) below which a merged video token is dropped.
+        legacy_box_position (`bool`, *optional*, defaults to `True`):
+            The released weights were trained with a relative position encoding whose box extents and offsets are
+            transposed (row extent used for columns and vice versa). Keep `True` for converted checkpoints; `False`
+            uses the geometrically correct mapping for models trained from scratch.
+        legacy_local_crop_reuse (`bool`, *optional*):
+            Processor, Lite only. The released Lite code caches the local context crop per frame, so every object after
+            the first on a frame sees the first object's crop. Defaults to `True` for Lite (what the weights saw).
+        object_crop (`str`, *optional*, defaults to `"scale_adaptive"`):
+            Processor. `"scale_adaptive"` is SAOT's object crop; `"frame"` is the plain-mask-pooling ablation (object
+            features are the masked patches of the whole frame at native scale), used by the demo checkpoints'
+            ablation only.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie `lm_head` to the input embeddings.
+
+    Example:
+
+    ```python
+    >>> from pixelrefer_hf import PixelReferConfig, PixelReferForConditionalGeneration
+    >>> config = PixelReferConfig(variant="pixelrefer-lite")
+    >>> config.kmeans_iterations, config.max_object_patches
+    (3, 50)
+    ```
+    """
+
+    model_type = "pixelrefer"
+    sub_configs_defaults: ClassVar = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+        "vision_config": VideoLlama3VisionConfig,
+    }
+    keys_to_ignore_at_inference: ClassVar = ["past_key_values"]
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    variant: str = "pixelrefer"
+    image_token_id: int = 151665
+    region_token_id: int = 151668
+    num_object_tokens: int = 32
+    kmeans_iterations: int | None = None
+    kmeans_tolerance: float = 1e-6
+    kmeans_init: str = "linspace"
+    kmeans_seed: int = 0
+    max_object_patches: int | None = None
+    context_pixels: int = 28
+    local_image_size: int = 224
+    global_image_size: int = 336
+    oci_num_heads: int = 8
+    spatial_merge_size: int = 2
+    image_merge_size: int = 1
+    max_visual_tokens: int = 8192
+    use_token_compression: bool = True
+    token_compression_threshold: float = 0.1
+    legacy_box_position: bool = True
+    legacy_local_crop_reuse: bool | None = None
+    object_crop: str = "scale_adaptive"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
+        if self.kmeans_init not in KMEANS_INITS:
+            raise ValueError(f"`kmeans_init` must be one of {KMEANS_INITS}, got {self.kmeans_init!r}.")
+        if self.object_crop not in OBJECT_CROPS:
+            raise ValueError(f"`object_crop` must be one of {OBJECT_CROPS}, got {self.object_crop!r}.")
+        if self.num_object_tokens < 1:
+            raise ValueError(f"`num_object_tokens` must be at least 1, got {self.num_object_tokens}.")
+        if self.vision_config.hidden_size % self.oci_num_heads != 0:
+            raise ValueError(
+                f"`oci_num_heads` ({self.oci_num_heads}) must divide the vision width "
+                f"({self.vision_config.hidden_size})."
+            )
+        # Variant-dependent defaults are resolved once here, so the saved config.json states the values in use.
+        if self.kmeans_iterations is None:
+            self.kmeans_iterations = 3 if self.is_lite else 5
+        if self.max_object_patches is None:
+            self.max_object_patches = 50 if self.is_lite else 100
+        if self.legacy_local_crop_reuse is None:
+            self.legacy_local_crop_reuse = self.is_lite
+        # save_pretrained merges the classes' own auto classes into this map; entries loaded from a hub config win.
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
+        # Qwen2.5-1.5B ties its embeddings; the flag may only be present in the text config.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def is_lite(self) -> bool:
+        """True for the Object-Only framework (PixelRefer-Lite)."""
+        return self.variant == "pixelrefer-lite"
+
+    def image_processor_kwargs(self) -> dict:
+        """The processor-side constants, to build a `PixelReferImageProcessor` that agrees with this model."""
+        return {
+            "variant": self.variant,
+            "patch_size": self.vision_config.patch_size,
+            "num_object_tokens": self.num_object_tokens,
+            "max_object_patches": self.max_object_patches,
+            "context_pixels": self.context_pixels,
+            "local_image_size": self.local_image_size,
+            "global_image_size": self.global_image_size,
+            "legacy_local_crop_reuse": self.legacy_local_crop_reuse,
+            "max_visual_tokens": self.max_visual_tokens,
+            "video_merge_size": self.spatial_merge_size,
+            "merge_size": self.image_merge_size,
+            "use_token_compression": self.use_token_compression,
+            "token_compression_threshold": self.token_compression_threshold,
+            "object_crop": self.object_crop,
+        }
+
+
+__all__ = ["PixelReferConfig"]
