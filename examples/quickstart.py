@@ -33,12 +33,12 @@ def main() -> None:
     model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 
-    # Inputs: one image, three questions (a box, a mask, and two boxes in one question), batched.
+    # Inputs: one image, three questions (a box, a mask, and a box around a 12-pixel square), batched.
     image = np.array(Image.open(EXAMPLE_IMAGE).convert("RGB"))
     rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
     circle_mask = (rows + 0.5 - 150) ** 2 + (cols + 0.5 - 60) ** 2 <= 30**2  # the blue circle, centre (60, 150)
-    questions = ["What is <region>?", "What shape is <region>?", "Is <region> larger than <region>?"]
-    regions = [[[40, 40, 90, 90]], [circle_mask], [[180, 110, 192, 122], [140, 30, 184, 74]]]
+    questions = ["What is <region>?", "What shape is <region>?", "What is <region>?"]
+    regions = [[[40, 40, 90, 90]], [circle_mask], [[180, 110, 192, 122]]]
     prompts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
