@@ -150,7 +150,7 @@ where `pixelrefer_hf` is not installed.
 * Stage 1, object perception ({perception_steps} steps): the tower, SAOT and OCI learn to put each object's shape,
   colour, size and place into its tokens, through a small read-out head that is then dropped.
 * Stage 2, TRL `SFTTrainer` ({steps} steps, batch {batch_size}, AdamW, learning rate {learning_rate}, cosine schedule,
-  float32, every weight trained): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), 1 to 4
+  float32, {stage2_trained}): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), 1 to 4
   questions each, loss on the answers only.
 * Time: {minutes} minutes including data generation, {torch_threads} CPU thread(s) (two variants trained at once on a
   2-core machine). Logged stage-2 loss {first_loss:.2f} at the start, {last_loss:.2f} at the end.
@@ -167,7 +167,9 @@ what / color / shape questions by the size of the object asked about):
 
 ## Limits
 
-It answers only the five questions above, in exactly these words, about shapes like those it was trained on; other
+It answers the pair (`larger`) and video (`direction`) questions close to chance: the tokens carry size and place, but
+this small LLM did not learn to compare two regions or two frames in its training budget. It answers only the five
+questions above, in exactly these words, about shapes like those it was trained on; other
 questions get one of its five kinds of answers. Regions given as boxes around circles or triangles contain background
 pixels the model never saw inside a training mask. License: the code's (Apache-2.0).
 """
@@ -189,6 +191,9 @@ def demo_model_card(summary: dict) -> str:
         batch_size=summary["batch_size"],
         steps=summary["steps"],
         perception_steps=summary.get("perception_steps", 0),
+        stage2_trained=(
+            "tower, SAOT and OCI frozen" if summary.get("perception_frozen_in_sft") else "every weight trained"
+        ),
         torch_threads=summary["torch_threads"],
         first_loss=summary["first_logged_loss"],
         last_loss=summary["last_logged_loss"],
