@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 import pixelrefer_hf
 from pixelrefer_hf import cli
-from pixelrefer_hf.demo import CARD_RESULTS_BEGIN, DEMO_CHECKPOINTS, demo_checkpoint
+from pixelrefer_hf.demo import CARD_RESULTS_BEGIN, DEMO_CHECKPOINTS, demo_checkpoint, replace_card_results
 from pixelrefer_hf.synthetic import score_shapes_answers, shapes_questions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +147,14 @@ def test_quickstart_example_answers_with_the_demo_checkpoint(capsys, monkeypatch
         "Q: What shape is <region>?\nA: circle",
         "Q: What is <region>?\nA: a purple square",  # the 12-pixel square
     ]
+
+
+def test_card_results_are_replaced_between_markers_and_bad_names_are_refused():
+    card = (Path(demo_checkpoint("pixelrefer")) / "README.md").read_text()
+    replaced = replace_card_results(card, "| new table |")
+    assert "| new table |" in replaced and replaced.count(CARD_RESULTS_BEGIN) == 1
+    assert replaced.split(CARD_RESULTS_BEGIN)[0] == card.split(CARD_RESULTS_BEGIN)[0]
+    with pytest.raises(ValueError, match="no evaluation markers"):
+        replace_card_results("# a card without markers", "| table |")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        demo_checkpoint("pixelrefer-xl")
