@@ -99,10 +99,11 @@ def perception_batch(rng: np.random.Generator, size: int) -> tuple[list, list, t
         scene = draw_image_scene(rng)
         frames.append(scene.frames[0])
         masks.append([obj.masks[0] for obj in scene.objects])
+        height, width = scene.frames[0].shape[:2]
         for obj in scene.objects:
             rows, cols = np.nonzero(obj.masks[0])
-            targets.append([SHAPES.index(obj.shape), list(COLORS).index(obj.color), np.log(obj.area / 224**2),
-                            cols.mean() / 224, rows.mean() / 224])
+            targets.append([SHAPES.index(obj.shape), list(COLORS).index(obj.color), np.log(obj.area / (height * width)),
+                            cols.mean() / width, rows.mean() / height])
     return frames, masks, torch.tensor(targets, dtype=torch.float32)
 
 
@@ -127,24 +128,8 @@ def object_perception_warmup(model, processor, steps: int, batch_size: int, lear
     for _ in range(steps):
         frames, masks, targets = perception_batch(rng, batch_size)
         inputs, layouts = processor.image_processor.preprocess_multimodal(images=frames, regions=masks)
-        groups = [(inputs["region_pixel_values"], inputs["region_grid_thw"])]
-        if backbone.object_infusion is not None:
-            groups += [(inputs["region_local_pixel_values"], inputs["region_local_grid_thw"]),
-                       (inputs["region_global_pixel_values"], inputs["region_global_grid_thw"])]
-        encoded = backbone.encode_images(
-            [pixels for pixels, _ in groups], [grid for _, grid in groups],
-            [torch.ones_like(grid[:, 0]) for _, grid in groups],
-        )
-        context = {}
-        if backbone.object_infusion is not None:
-            context = {"local_features": encoded[1], "region_local_grid_thw": inputs["region_local_grid_thw"],
-                       "region_local_index": inputs["region_local_index"], "global_features": encoded[2],
-                       "region_global_grid_thw": inputs["region_global_grid_thw"],
-                       "region_global_index": inputs["region_global_index"]}
-        tokens = backbone.get_object_features(
-            encoded[0], inputs["region_grid_thw"], inputs["region_patch_masks"], inputs["region_boxes"],
-            inputs["region_image_sizes"], **context,
-        )  # (sum of per-object token counts, text hidden)
+        # (sum of per-object token counts, text hidden); the still images' global tokens are not needed here.
+        tokens = backbone.get_region_features(**{k: v for k, v in inputs.items() if k.startswith("region_")})
         counts = [region[0] for layout in layouts for region in layout.region_token_counts]
         pooled = torch.stack([torch.cat([t.mean(0), t.amax(0)]) for t in tokens.split(counts)])
         shape_logits, color_logits, geometry = head(pooled)

@@ -105,6 +105,16 @@ def test_token_counts_and_shapes(model_and_processor):
         assert int(frame_tokens[0].sum()) == merged[2]
 
 
+def test_region_features_without_the_llm_equal_the_forward_object_tokens(model_and_processor):
+    model, processor = model_and_processor
+    inputs = batch_inputs(processor, samples())
+    region_inputs = {key: value for key, value in inputs.items() if key.startswith("region_")}
+    with torch.no_grad():
+        expected = model(**inputs).object_hidden_states
+        got = model.model.get_region_features(**region_inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_video_region_on_several_frames_has_time_stamps(model_and_processor):
     model, processor = model_and_processor
     inputs = batch_inputs(processor, samples()[2:])

@@ -545,6 +545,78 @@ class PixelReferModel(PixelReferPreTrainedModel):
             flat = tokens[token_valid]
         return self.object_tokenizer.projector(flat.to(crop_features.dtype))
 
+    def _region_tower_inputs(
+        self,
+        region_pixel_values: torch.Tensor,
+        region_grid_thw: torch.Tensor,
+        region_local_pixel_values: torch.Tensor | None,
+        region_local_grid_thw: torch.Tensor | None,
+        region_global_pixel_values: torch.Tensor | None,
+        region_global_grid_thw: torch.Tensor | None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`(pixels, grid, merge sizes)` groups of the region side for `encode_images`: the crops, then (Lite) the local
+        and global context images, all at full patch resolution (merge size 1)."""
+        groups = [(region_pixel_values, region_grid_thw)]
+        if self.object_infusion is not None:
+            groups += [
+                (region_local_pixel_values, region_local_grid_thw),
+                (region_global_pixel_values, region_global_grid_thw),
+            ]
+        return [(pixels, grid, torch.ones_like(grid[:, 0])) for pixels, grid in groups]
+
+    def _object_features_from_encoded(
+        self,
+        encoded: list[torch.Tensor],
+        region_grid_thw: torch.Tensor,
+        region_patch_masks: torch.Tensor,
+        region_boxes: torch.Tensor,
+        region_image_sizes: torch.Tensor,
+        region_local_grid_thw: torch.Tensor | None,
+        region_local_index: torch.Tensor | None,
+        region_global_grid_thw: torch.Tensor | None,
+        region_global_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Object tokens from the tower outputs of the `_region_tower_inputs` groups (in that order)."""
+        context = {}
+        if self.object_infusion is not None:
+            context = {
+                "local_features": encoded[1],
+                "region_local_grid_thw": region_local_grid_thw,
+                "region_local_index": region_local_index,
+                "global_features": encoded[2],
+                "region_global_grid_thw": region_global_grid_thw,
+                "region_global_index": region_global_index,
+            }
+        return self.get_object_features(
+            encoded[0], region_grid_thw, region_patch_masks, region_boxes, region_image_sizes, **context
+        )
+
+    def get_region_features(
+        self,
+        region_pixel_values: torch.Tensor,
+        region_grid_thw: torch.Tensor,
+        region_patch_masks: torch.Tensor,
+        region_boxes: torch.Tensor,
+        region_image_sizes: torch.Tensor,
+        region_local_pixel_values: torch.Tensor | None = None,
+        region_local_grid_thw: torch.Tensor | None = None,
+        region_local_index: torch.Tensor | None = None,
+        region_global_pixel_values: torch.Tensor | None = None,
+        region_global_grid_thw: torch.Tensor | None = None,
+        region_global_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Object tokens of the processor's `region_*` outputs without running the LLM (one tower call for crops and
+        Lite context images): `(num_object_tokens, text_hidden)` in crop order, the rows `forward` places on the
+        `<REGION>` tokens. For training or probing the object side on its own."""
+        groups = self._region_tower_inputs(
+            region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
+            region_global_pixel_values, region_global_grid_thw,
+        )
+        return self._object_features_from_encoded(
+            self.encode_images(*map(list, zip(*groups))), region_grid_thw, region_patch_masks, region_boxes,
+            region_image_sizes, region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
+        )
+
     def _check_placeholders(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, what: str) -> torch.Tensor:
         mask = input_ids == token_id
         num_slots = int(mask.sum())
@@ -619,14 +691,10 @@ class PixelReferModel(PixelReferPreTrainedModel):
             if has_images:
                 groups.append((pixel_values, image_grid_thw, image_merge_sizes))
             if has_regions:
-                # Crops and context images are encoded at full patch resolution (merge size 1).
-                groups.append((region_pixel_values, region_grid_thw, torch.ones_like(region_grid_thw[:, 0])))
-                if self.object_infusion is not None:
-                    for pixels, grid in (
-                        (region_local_pixel_values, region_local_grid_thw),
-                        (region_global_pixel_values, region_global_grid_thw),
-                    ):
-                        groups.append((pixels, grid, torch.ones_like(grid[:, 0])))
+                groups += self._region_tower_inputs(
+                    region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
+                    region_global_pixel_values, region_global_grid_thw,
+                )
             encoded = self.encode_images(*map(list, zip(*groups)))
             if has_images:
                 image_features = encoded.pop(0)
@@ -636,19 +704,9 @@ class PixelReferModel(PixelReferPreTrainedModel):
                 slots = self._check_placeholders(input_ids, self.config.image_token_id, image_embeds, "image")
                 inputs_embeds = inputs_embeds.masked_scatter(slots[..., None].to(inputs_embeds.device), image_embeds)
             if has_regions:
-                crop_features = encoded[0]
-                context = {}
-                if self.object_infusion is not None:
-                    context = {
-                        "local_features": encoded[1],
-                        "region_local_grid_thw": region_local_grid_thw,
-                        "region_local_index": region_local_index,
-                        "global_features": encoded[2],
-                        "region_global_grid_thw": region_global_grid_thw,
-                        "region_global_index": region_global_index,
-                    }
-                object_embeds = self.get_object_features(
-                    crop_features, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes, **context
+                object_embeds = self._object_features_from_encoded(
+                    encoded, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
+                    region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
                 ).to(inputs_embeds.dtype)
                 slots = self._check_placeholders(input_ids, self.config.region_token_id, object_embeds, "region")
                 inputs_embeds = inputs_embeds.masked_scatter(slots[..., None].to(inputs_embeds.device), object_embeds)
