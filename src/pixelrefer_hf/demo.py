@@ -211,20 +211,15 @@ def replace_card_results(card: str, results_markdown: str) -> str:
 
 
 def refresh_demo_checkpoints() -> None:
-    """Re-save the bundled checkpoints with the installed code: their remote-code modules, `config.json` and processor
-    files are rewritten, the weights stay bit-identical. Run `python -m pixelrefer_hf.demo` after changing a module
-    that travels as remote code (a test fails until then)."""
-    from .modeling_pixelrefer import PixelReferForConditionalGeneration
-    from .processing_pixelrefer import PixelReferProcessor
-
+    """Copy the installed remote-code modules over the ones the bundled checkpoints carry (weights, configs and
+    tokenizer files are left as trained). Run `python -m pixelrefer_hf.demo` after changing a module that travels as
+    remote code; a test fails until then."""
+    package = Path(__file__).parent
     for variant in DEMO_CHECKPOINTS:
-        path = demo_checkpoint(variant)
-        model = PixelReferForConditionalGeneration.from_pretrained(path)
-        processor = PixelReferProcessor.from_pretrained(path)
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-        print(f"refreshed {path}")
-
+        path = Path(demo_checkpoint(variant))
+        for module in sorted(path.glob("*.py")):
+            module.write_bytes((package / module.name).read_bytes())
+        print(f"refreshed the remote code of {path}")
 
 __all__ = [
     "DEMO_CHECKPOINTS",
