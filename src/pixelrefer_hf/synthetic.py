@@ -25,6 +25,7 @@ Questions (answers are exact strings, so accuracy is exact match):
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from PIL import Image as PILImage
@@ -73,8 +74,9 @@ class ShapeObject:
     masks: list[np.ndarray]  # (H, W) bool, one per frame
     direction: str | None = None  # video only
 
-    @property
+    @cached_property
     def area(self) -> int:
+        """Pixels of the shape (the same on every frame); read for every pair a scene's `larger` questions consider."""
         return int(self.masks[0].sum())
 
     @property
@@ -260,8 +262,8 @@ def scene_questions(
 ) -> list[ShapeQuestion]:
     """Every question of the given kinds that the scene can answer, in a seeded order.
 
-    Still scenes: `what`, `color` and `shape` about every shape and `larger` about up to 3 pairs (yes and no
-    balanced). Video scenes: `direction` about every shape.
+    Still scenes: `what`, `color` and `shape` about every shape and `larger` about up to 3 pairs drawn from both
+    orders of every eligible pair (so "yes" and "no" are equally likely). Video scenes: `direction` about every shape.
     """
     if kinds is None:
         kinds = ("direction",) if scene.is_video else ("what", "color", "shape", "larger")
@@ -313,9 +315,10 @@ def shapes_region_chat_dataset(
             messages.append({"role": "user", "content": question.question})
             messages.append({"role": "assistant", "content": question.answer})
             object_indices.extend(question.object_indices)
-        media = {"frames": [PILImage.fromarray(f) for f in scene.frames], "timestamps": scene.timestamps} if (
-            scene.is_video
-        ) else {"image": PILImage.fromarray(scene.frames[0])}
+        if scene.is_video:
+            media = {"frames": [PILImage.fromarray(f) for f in scene.frames], "timestamps": scene.timestamps}
+        else:
+            media = {"image": PILImage.fromarray(scene.frames[0])}
         rows.append(
             make_region_chat_row(messages, regions=_regions_of(scene, object_indices), id=f"shapes-{seed}-{index}",
                                  **media)
