@@ -122,7 +122,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig) -> None:
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    # Tear the process group down explicitly: left to interpreter exit, gloo's threads can abort a multi-process run.
+    # Tear the process group down explicitly (left to interpreter exit, gloo's threads can abort a multi-process run),
+    # and only once every process is there: `save_model` writes on the main process alone, and a process that starts
+    # the teardown while the main one is still saving hung a 2-process CI run.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
 

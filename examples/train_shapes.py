@@ -239,6 +239,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     Path(training_args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(training_args.output_dir, "README.md").write_text(demo_model_card(summary))
     print(json.dumps(summary, indent=2))
+    trainer.accelerator.wait_for_everyone()  # as in finetune_lora.py: no process tears down while another saves
     trainer.accelerator.end_training()
 
 
