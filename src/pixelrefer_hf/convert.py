@@ -312,6 +312,9 @@ def load_official_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
             f"Expected the tokenizer in {folder} to hold the special tokens {IMAGE_TOKEN} and {REGION_TOKEN} (added by "
             f"PixelRefer training), found none for {', '.join(missing)}."
         )
+    # The converted processor is generation-first: a padded batch must equal single calls, which needs left padding
+    # (the training collator asks for right padding itself).
+    tokenizer.padding_side = "left"
     return tokenizer
 
 
@@ -562,6 +565,9 @@ def convert_checkpoint(
         model.generation_config = GenerationConfig(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
         )
+    # Stated in the file, so that `generate(..., repetition_penalty_scope="all")` can switch to transformers' usual
+    # behaviour; "generated" is what the official inference does (the model's default when the field is absent).
+    model.generation_config.repetition_penalty_scope = "generated"
     processor = PixelReferProcessor(
         image_processor=build_image_processor(config, official_dir), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )

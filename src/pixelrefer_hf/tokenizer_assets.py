@@ -100,7 +100,8 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
             when the corpus has no pair left to merge: the built-in corpus gives 561 tokens.
 
     Returns:
-        `PreTrainedTokenizerFast`: pad `<|endoftext|>`, eos `<|im_end|>`, no bos, and the extra special tokens
+        `PreTrainedTokenizerFast`: pad `<|endoftext|>` on the left (what batched `generate` needs; the training
+        collator asks for right padding itself), eos `<|im_end|>`, no bos, and the extra special tokens
         `<|im_start|>`, `<image>`, `<REGION>` (ids 0-4 in `SPECIAL_TOKENS` order). Any text round-trips through
         `encode`/`decode` because every byte has a symbol.
     """
@@ -119,6 +120,7 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
         eos_token=IM_END_TOKEN,
+        padding_side="left",
         extra_special_tokens=[IM_START_TOKEN, IMAGE_TOKEN, REGION_TOKEN],
     )
 
