@@ -102,14 +102,33 @@ def load_model_and_processor(name: str):
         return tiny_model_and_processor(TINY_RANDOM_MODELS[name])
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    _check_model_name(name)
     print(f"Loading {name} ...", file=sys.stderr)
-    model = AutoModelForImageTextToText.from_pretrained(name, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    except OSError as error:
+        # Hub and file errors (offline, unknown repo, missing files) are OSErrors with a long explanation: its
+        # first line says what happened.
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"--model {name!r}: cannot load the checkpoint: {first_line}") from error
     return model, processor
 
 
+def _check_model_name(name: str) -> None:
+    """A name that can only be a local path (not a hub repo id `org/name`) must be an existing folder."""
+    if os.path.isdir(name):
+        return
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+    if looks_like_path or os.path.exists(name):
+        raise ValueError(
+            f"--model {name!r}: no such checkpoint folder; give a folder holding config.json and the weights, a hub "
+            f"repo id, or one of {', '.join([*DEMO_MODELS, *TINY_RANDOM_MODELS])}"
+        )
+
+
 def _ask(args: argparse.Namespace) -> int:
-    from .pipeline_region_qa import RegionQAPipeline
+    from .pipeline_region_qa import RegionQAPipeline, _load_image
     from .video_io import read_video
 
     regions = [parse_region(kind, text) for kind, text in args.regions or []]
@@ -132,7 +151,8 @@ def _ask(args: argparse.Namespace) -> int:
         item.update(video=decoded.frames, video_timestamps=decoded.timestamps)
         item["regions"] = [{args.frame: region} for region in regions]
     else:
-        item.update(image=args.media, regions=regions)
+        # Read before the model loads, so that an unreadable file is reported at once.
+        item.update(image=_load_image(args.media, "image"), regions=regions)
 
     model, processor = load_model_and_processor(args.model)
     pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa", device=args.device)
