@@ -325,7 +325,7 @@ def video_frames() -> np.ndarray:
 
 
 def test_video_timestamps_and_token_compression(make_processor, tokenizer):
-    processor = make_processor()
+    processor = make_processor(multi_frame_regions=True)
     mask = box_mask(56, 56, (10, 40), (10, 40))
     output = processor(
         text="<video>\nWhat do <region> and <region> do?",
@@ -521,7 +521,7 @@ def test_chat_template_assistant_mask_after_expansion(make_processor, tokenizer,
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_and_load_round_trip(make_processor, tmp_path, variant):
-    processor = make_processor(variant, num_object_tokens=8, max_visual_tokens=256)
+    processor = make_processor(variant, num_object_tokens=8, max_visual_tokens=256, multi_frame_regions=True)
     processor.save_pretrained(tmp_path)
     reloaded = PixelReferProcessor.from_pretrained(tmp_path)
     assert reloaded.image_processor.to_dict() == processor.image_processor.to_dict()
@@ -539,6 +539,23 @@ def test_save_and_load_round_trip(make_processor, tmp_path, variant):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_pixelrefer_takes_a_video_region_on_one_frame_unless_asked(make_processor):
+    """The official PixelRefer writes `[<REGION>...]` for a region on one frame and never saw a region on several;
+    the timed form is an opt-in extension for PixelRefer and the released form for Lite."""
+    mask = box_mask(56, 56, (10, 40), (10, 40))
+    kwargs = {"text": "<video>\n<region> and <region>", "videos": video_frames(), "regions": [{1: mask}, {0: mask, 2: mask}]}
+    with pytest.raises(ValueError, match=r"sample 0, region 1: given on frames \[0, 2\].*multi_frame_regions=True"):
+        make_processor()(**kwargs)
+    one_frame = make_processor()(**{**kwargs, "regions": [{1: mask}, {2: mask}]})
+    text = make_processor().tokenizer.decode(one_frame["input_ids"][0])
+    assert "Time 1.0:" not in text and "[<REGION>" in text  # official single-frame form: no time in the region
+    for processor, call_option in ((make_processor(), True), (make_processor(multi_frame_regions=True), None)):
+        expanded = processor.tokenizer.decode(processor(**kwargs, multi_frame_regions=call_option)["input_ids"][0])
+        assert "[Time 0.0:<REGION>" in expanded and ",Time 2.0:<REGION>" in expanded
+    lite = make_processor("pixelrefer-lite")
+    assert "[Time 0.0:" in lite.tokenizer.decode(lite(**kwargs)["input_ids"][0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -103,6 +103,11 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
         `"scale_adaptive"` is SAOT's crop. `"frame"` is the ablation baseline of plain mask pooling: an object's
         features are the patches under its mask in the whole frame at native scale (no crop, no upscaling of small
         objects); its box and token count rules are unchanged.
+    multi_frame_regions (`bool`, *optional*, defaults to `False`):
+        PixelRefer only: accept a video region given on several frames and write it as
+        `[Time t:<REGION>...,Time t:<REGION>...]`. The official PixelRefer takes each region on one frame (prompt
+        `[<REGION>...]`) and its released weights never saw the timed form, so by default such a region is refused
+        with an error. PixelRefer-Lite always uses the timed form (as released) and ignores this option.
     """
 
     variant: str
@@ -114,6 +119,7 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
     legacy_local_crop_reuse: bool
     resize_backend: str
     object_crop: str
+    multi_frame_regions: bool
     max_visual_tokens: int
     video_merge_size: int
     use_token_compression: bool
@@ -366,6 +372,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     token_compression_threshold = 0.1
     resize_backend = "numpy"
     object_crop = "scale_adaptive"
+    multi_frame_regions = False
 
     def __init__(
         self,
@@ -382,6 +389,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         token_compression_threshold: float = 0.1,
         resize_backend: str = "numpy",
         object_crop: str = "scale_adaptive",
+        multi_frame_regions: bool = False,
         **kwargs,
     ):
         if variant not in VARIANTS:
@@ -415,6 +423,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             token_compression_threshold=token_compression_threshold,
             resize_backend=resize_backend,
             object_crop=object_crop,
+            multi_frame_regions=multi_frame_regions,
             **kwargs,
         )
 

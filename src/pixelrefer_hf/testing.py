@@ -55,8 +55,11 @@ def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> Pix
 
 
 def processor_for_config(config: PixelReferConfig, tokenizer) -> PixelReferProcessor:
-    """The processor that agrees with `config` (crop scales, token counts, budgets)."""
-    image_processor = PixelReferImageProcessor(**config.image_processor_kwargs())
+    """The processor that agrees with `config` (crop scales, token counts, budgets).
+
+    Models of our own (tiny test models, the demo checkpoints) take PixelRefer video regions on several frames in the
+    timed form (`multi_frame_regions=True`); converted official checkpoints keep the official one-frame rule."""
+    image_processor = PixelReferImageProcessor(**config.image_processor_kwargs(), multi_frame_regions=True)
     return PixelReferProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 

@@ -29,6 +29,11 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
+# Loaded from the installed package, this module registers `region-qa` in transformers' pipeline registry (package
+# import); `pipeline()` prefers a task named in `config.custom_pipelines` and then demands `trust_remote_code`, so
+# only a remote-code copy of this module (package not installed) advertises the pipeline file in memory. Saved
+# configs always name it (`to_dict`).
+_LOADED_AS_REMOTE_CODE = not __name__.startswith("pixelrefer_hf.")
 KMEANS_INITS = ("linspace", "random")
 OBJECT_CROPS = ("scale_adaptive", "frame")
 
@@ -163,10 +168,21 @@ class PixelReferConfig(PreTrainedConfig):
             self.legacy_local_crop_reuse = self.is_lite
         # save_pretrained merges the classes' own auto classes into this map; entries loaded from a hub config win.
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
-        self.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
+        loaded_pipelines = getattr(self, "custom_pipelines", None) or {}
+        self.custom_pipelines = (
+            {**CUSTOM_PIPELINES, **loaded_pipelines}
+            if _LOADED_AS_REMOTE_CODE
+            else {task: spec for task, spec in loaded_pipelines.items() if task not in CUSTOM_PIPELINES}
+        )
         # Qwen2.5-1.5B ties its embeddings; the flag may only be present in the text config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+
+    def to_dict(self) -> dict:
+        """As `PreTrainedConfig.to_dict`, always naming the `region-qa` pipeline (see `_LOADED_AS_REMOTE_CODE`)."""
+        output = super().to_dict()
+        output["custom_pipelines"] = {**CUSTOM_PIPELINES, **(output.get("custom_pipelines") or {})}
+        return output
 
     @property
     def is_lite(self) -> bool:

@@ -307,11 +307,23 @@ class RegionQAPipeline(Pipeline):
             if propagate_regions and masks:
                 wheres = [f"{prefix}region {j}" for j in range(len(masks))]
                 masks = self._propagate(frames, masks, wheres, f"{prefix}video", sam2_model)
+            else:
+                # Checked here so that the item fails alone (skip_bad_items), not its whole batch in the processor.
+                where_item = prefix.removesuffix(": ") or "item"
+                self.processor.check_region_frames(where_item, [list(frame_masks) for frame_masks in masks], None)
             content_type, images, video = "video", None, frames
 
         messages = [{"role": "user", "content": [{"type": content_type}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return {"prompt": prompt, "images": images, "video": video, "video_timestamps": timestamps, "regions": masks}
+        return {
+            "prompt": prompt,
+            "images": images,
+            "video": video,
+            "video_timestamps": timestamps,
+            "regions": masks,
+            # Propagated regions cover many frames: the timed multi-frame form, asked for by propagating.
+            "multi_frame_regions": True if propagate_regions else None,
+        }
 
     def _region_mask(
         self, region, frame: np.ndarray, where: str, sam_model: str | None, box_to_mask: str
@@ -390,6 +402,8 @@ class RegionQAPipeline(Pipeline):
             videos=[item["video"] for item in items] if has_videos else None,
             video_timestamps=[item["video_timestamps"] for item in items] if has_timestamps else None,
             regions=[item["regions"] for item in items],
+            # One call's items share `propagate_regions`, hence this option.
+            multi_frame_regions=items[0]["multi_frame_regions"],
             padding=True,
             padding_side="left",
             return_tensors="pt",

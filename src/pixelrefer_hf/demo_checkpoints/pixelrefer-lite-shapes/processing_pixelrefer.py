@@ -4,8 +4,8 @@ The processor expands every placeholder into exactly the tokens the model will f
 
 * `<image>` (one tag per image) -> `<image>` x visual tokens of that image (PixelRefer);
 * `<video>` -> `Time 0.0s:<image>...,Time 1.0s:<image>...` with the tokens each frame keeps after compression;
-* `<region>` (one per region, in order) -> `[<REGION>...]`, or `[Time t:<REGION>...,Time t:<REGION>...]` for a
-  region annotated on several video frames (and for every Lite video region);
+* `<region>` (one per region, in order) -> `[<REGION>...]`, or `[Time t:<REGION>...,Time t:<REGION>...]` for every
+  Lite video region (and, with `multi_frame_regions=True`, a PixelRefer region given on several video frames);
 * PixelRefer-Lite never feeds global visual tokens, so it removes `<image>` / `<video>` tags instead.
 """
 
@@ -68,6 +68,7 @@ class PixelReferProcessor(ProcessorMixin):
         videos=None,
         regions: list | None = None,
         video_timestamps: list | None = None,
+        multi_frame_regions: bool | None = None,
         padding: bool | str = False,
         padding_side: str | None = None,
         truncation: bool | str | None = None,
@@ -99,6 +100,9 @@ class PixelReferProcessor(ProcessorMixin):
                 has several images). Video sample: a dict `{frame_index: mask | box | rle}`.
             video_timestamps (*optional*):
                 Per sample the seconds of each video frame. Defaults to the frame index (frames sampled at 1 fps).
+            multi_frame_regions (`bool`, *optional*):
+                PixelRefer: accept video regions given on several frames (timed form); defaults to the image
+                processor's `multi_frame_regions` (see [`PixelReferImageProcessor`]).
             padding, padding_side, truncation, max_length, pad_to_multiple_of:
                 As for the tokenizer. `truncation=None` does not truncate. Truncation that would remove an `<image>`
                 or `<REGION>` token raises a `ValueError` naming the sample instead of silently corrupting it.
@@ -133,7 +137,13 @@ class PixelReferProcessor(ProcessorMixin):
 
         samples = [
             self._prepare_sample(
-                i, None if texts is None else texts[i], images[i], videos[i], regions[i], video_timestamps[i]
+                i,
+                None if texts is None else texts[i],
+                images[i],
+                videos[i],
+                regions[i],
+                video_timestamps[i],
+                multi_frame_regions,
             )
             for i in range(batch_size)
         ]
@@ -211,7 +221,7 @@ class PixelReferProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     def _prepare_sample(
-        self, index: int, text: str | None, images, video, regions, video_timestamps
+        self, index: int, text: str | None, images, video, regions, video_timestamps, multi_frame_regions: bool | None
     ) -> PixelReferSample:
         """Validate one sample (text and visual inputs) and normalise its visual inputs; every error names it."""
         where = f"sample {index}"
@@ -229,9 +239,27 @@ class PixelReferProcessor(ProcessorMixin):
                     f"{num_regions} regions were given"
                 )
         sample = self.image_processor.prepare_sample(index, images, video, regions, video_timestamps)
+        self.check_region_frames(where, [[frame for frame, _ in frames] for frames in sample.regions], multi_frame_regions)
         if text is not None:
             self._check_visual_tags(where, text, sample)
         return sample
+
+    def check_region_frames(self, where: str, region_frames: list[list[int]], multi_frame_regions: bool | None) -> None:
+        """PixelRefer takes each video region on one frame unless `multi_frame_regions` (default: the image
+        processor's option); `region_frames` holds per region the indices of the frames it is given on."""
+        if multi_frame_regions is None:
+            multi_frame_regions = self.image_processor.multi_frame_regions
+        if self.image_processor.is_lite or multi_frame_regions:
+            return
+        for region_index, frames in enumerate(region_frames):
+            if len(frames) > 1:
+                raise ValueError(
+                    f"{where}, region {region_index}: given on frames {sorted(frames)}, but PixelRefer takes each "
+                    "region on one frame (the official prompt; its released weights never saw a region on several "
+                    "frames). Give the region on one frame, or pass multi_frame_regions=True (processor call or image "
+                    "processor option) for the timed multi-frame form `[Time t:<REGION>...,...]`, which "
+                    "PixelRefer-Lite uses as released"
+                )
 
     def _check_visual_tags(self, where: str, text: str, sample: PixelReferSample) -> None:
         num_image_tags, num_video_tags = text.count(self.image_token), text.count(self.video_tag)

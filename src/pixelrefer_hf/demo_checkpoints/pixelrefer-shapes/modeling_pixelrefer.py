@@ -22,14 +22,16 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen2Model
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
 from transformers.models.video_llama_3.modeling_video_llama_3 import (
     VideoLlama3Projector,
     VideoLlama3VisionModel,
     eager_attention_forward,
 )
-from transformers.utils import is_flash_attn_2_available, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, is_flash_attn_2_available, logging
 from transformers.utils.generic import is_flash_attention_requested
 
 from .configuration_pixelrefer import PixelReferConfig
@@ -39,6 +41,9 @@ logger = logging.get_logger(__name__)
 # `forward` arguments that only the first (prefill) step of `generate` needs, by name prefix: images, crops and
 # context images; later steps reuse the KV cache.
 MULTIMODAL_INPUT_PREFIXES = ("pixel_values", "image_", "region_")
+# Generation-only keyword: the prompt embeddings (visual and object tokens in place) of an expanded batch, kept for
+# decoding without a KV cache.
+PROMPT_EMBEDS_KEY = "multimodal_prompt_embeds"
 
 
 @dataclass
@@ -617,18 +622,147 @@ class PixelReferModel(PixelReferPreTrainedModel):
             region_image_sizes, region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
         )
 
-    def _check_placeholders(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, what: str) -> torch.Tensor:
-        mask = input_ids == token_id
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_grid_thw: torch.LongTensor,
+        image_merge_sizes: torch.LongTensor,
+        image_keep_mask: torch.BoolTensor | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Global visual tokens of images and video frames, as the LLM receives them (PixelRefer only).
+
+        Returns `last_hidden_state` `(sum_i h_i * w_i / m_i^2, vision_hidden)` (tower output, merged) and
+        `pooler_output`, a tuple with per image or frame its projected tokens `(kept tokens, text_hidden)`: the rows
+        `forward` writes into that image's `<image>` slots (after token compression when `image_keep_mask` is given).
+        """
+        if self.projector is None:
+            raise ValueError(
+                "PixelRefer-Lite feeds no global visual tokens to the LLM, so it has no image features; its images "
+                "reach the model only through regions (`get_region_features`)."
+            )
+        (features,) = self.encode_images([pixel_values], [image_grid_thw], [image_merge_sizes])
+        return self._project_image_features(features, image_grid_thw, image_merge_sizes, image_keep_mask)
+
+    def _project_image_features(
+        self,
+        features: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        image_merge_sizes: torch.Tensor,
+        image_keep_mask: torch.Tensor | None,
+    ) -> BaseModelOutputWithPooling:
+        """Token compression and projection of encoded global images (see `get_image_features`)."""
+        tokens_per_image = image_grid_thw.prod(-1) // image_merge_sizes.pow(2)
+        if image_keep_mask is not None:
+            keep = image_keep_mask.to(features.device)
+            tokens_per_image = torch.stack([part.sum() for part in keep.split(tokens_per_image.tolist())])
+            kept = features[keep]
+        else:
+            kept = features
+        projected = self.projector(kept)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features, pooler_output=projected.split(tokens_per_image.tolist())
+        )
+
+    def get_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor,
+        token_id: int,
+        features: torch.Tensor,
+        what: str,
+    ) -> torch.BoolTensor:
+        """`(batch, seq)` mask of the `token_id` slots, checked against the number of `features` rows.
+
+        Without `input_ids` (a caller that embedded the prompt itself), the slots are the positions whose embedding
+        equals the embedding of `token_id`, as in transformers' native VLMs.
+        """
+        if input_ids is not None:
+            mask = input_ids == token_id
+        else:
+            token_embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == token_embedding.to(inputs_embeds.dtype)).all(-1)
         num_slots = int(mask.sum())
         if num_slots != features.shape[0]:
             per_sample = mask.sum(-1).tolist()
             raise ValueError(
-                f"{what} tokens and features do not match: the input ids hold {num_slots} {what} tokens (per sample "
+                f"{what} tokens and features do not match: the inputs hold {num_slots} {what} tokens (per sample "
                 f"{per_sample}) but the inputs produce {features.shape[0]} {what} features. Build inputs with "
                 "PixelReferProcessor, which expands every placeholder to the exact count."
             )
         return mask
 
+    def embed_multimodal_inputs(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        image_merge_sizes: torch.LongTensor | None = None,
+        image_keep_mask: torch.BoolTensor | None = None,
+        region_pixel_values: torch.FloatTensor | None = None,
+        region_grid_thw: torch.LongTensor | None = None,
+        region_patch_masks: torch.FloatTensor | None = None,
+        region_boxes: torch.FloatTensor | None = None,
+        region_image_sizes: torch.LongTensor | None = None,
+        region_local_pixel_values: torch.FloatTensor | None = None,
+        region_local_grid_thw: torch.LongTensor | None = None,
+        region_local_index: torch.LongTensor | None = None,
+        region_global_pixel_values: torch.FloatTensor | None = None,
+        region_global_grid_thw: torch.LongTensor | None = None,
+        region_global_index: torch.LongTensor | None = None,
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor | None, torch.FloatTensor | None]:
+        """The LLM input embeddings with global visual tokens and object tokens written into their slots.
+
+        One packed tower call covers the images, the crops and (Lite) the context images. Returns
+        `(inputs_embeds (batch, seq, text_hidden), image_embeds or None, object_embeds or None)`; the last two are
+        the rows written into the `<image>` and `<REGION>` slots, in sequence order.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        has_images = pixel_values is not None
+        has_regions = region_pixel_values is not None
+        if has_images and self.projector is None:
+            raise ValueError(
+                "PixelRefer-Lite feeds no global visual tokens to the LLM; pass images only through regions "
+                "(PixelReferProcessor does this for you)."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if not (has_images or has_regions):
+            return inputs_embeds, None, None
+
+        groups = []
+        if has_images:
+            groups.append((pixel_values, image_grid_thw, image_merge_sizes))
+        if has_regions:
+            groups += self._region_tower_inputs(
+                region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
+                region_global_pixel_values, region_global_grid_thw,
+            )
+        encoded = self.encode_images(*map(list, zip(*groups)))
+        # Placeholder slots are found before any feature is written: once written, an embedding-based search would
+        # no longer see them.
+        merged = inputs_embeds
+        image_embeds = object_embeds = None
+        if has_images:
+            image_features = self._project_image_features(
+                encoded.pop(0), image_grid_thw, image_merge_sizes, image_keep_mask
+            )
+            image_embeds = torch.cat(image_features.pooler_output).to(inputs_embeds.dtype)
+            slots = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image")
+            merged = merged.masked_scatter(slots[..., None].to(merged.device), image_embeds)
+        if has_regions:
+            object_embeds = self._object_features_from_encoded(
+                encoded, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
+                region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
+            ).to(inputs_embeds.dtype)
+            slots = self.get_placeholder_mask(
+                input_ids, inputs_embeds, self.config.region_token_id, object_embeds, "region"
+            )
+            merged = merged.masked_scatter(slots[..., None].to(merged.device), object_embeds)
+        return merged, image_embeds, object_embeds
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -652,8 +786,8 @@ class PixelReferModel(PixelReferPreTrainedModel):
         region_global_pixel_values: torch.FloatTensor | None = None,
         region_global_grid_thw: torch.LongTensor | None = None,
         region_global_index: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> PixelReferModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | PixelReferModelOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(num_patches, 3 * patch_size**2)`):
             Global images and video frames of the batch, patchified (PixelRefer only).
@@ -671,46 +805,25 @@ class PixelReferModel(PixelReferPreTrainedModel):
         region_global_pixel_values, region_global_grid_thw, region_global_index:
             Lite only: global context images, their grids, and the global image of each crop `(num_crops,)`.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        has_images = pixel_values is not None
-        has_regions = region_pixel_values is not None
-        if (has_images or has_regions) and input_ids is None:
-            raise ValueError("Images and regions need `input_ids` to find their placeholder tokens.")
-        if has_images and self.projector is None:
-            raise ValueError(
-                "PixelRefer-Lite feeds no global visual tokens to the LLM; pass images only through regions "
-                "(PixelReferProcessor does this for you)."
-            )
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        image_embeds = object_embeds = None
-        if has_images or has_regions:
-            groups = []
-            if has_images:
-                groups.append((pixel_values, image_grid_thw, image_merge_sizes))
-            if has_regions:
-                groups += self._region_tower_inputs(
-                    region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
-                    region_global_pixel_values, region_global_grid_thw,
-                )
-            encoded = self.encode_images(*map(list, zip(*groups)))
-            if has_images:
-                image_features = encoded.pop(0)
-                if image_keep_mask is not None:
-                    image_features = image_features[image_keep_mask.to(image_features.device)]
-                image_embeds = self.projector(image_features).to(inputs_embeds.dtype)
-                slots = self._check_placeholders(input_ids, self.config.image_token_id, image_embeds, "image")
-                inputs_embeds = inputs_embeds.masked_scatter(slots[..., None].to(inputs_embeds.device), image_embeds)
-            if has_regions:
-                object_embeds = self._object_features_from_encoded(
-                    encoded, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
-                    region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
-                ).to(inputs_embeds.dtype)
-                slots = self._check_placeholders(input_ids, self.config.region_token_id, object_embeds, "region")
-                inputs_embeds = inputs_embeds.masked_scatter(slots[..., None].to(inputs_embeds.device), object_embeds)
-
+        inputs_embeds, image_embeds, object_embeds = self.embed_multimodal_inputs(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            image_merge_sizes=image_merge_sizes,
+            image_keep_mask=image_keep_mask,
+            region_pixel_values=region_pixel_values,
+            region_grid_thw=region_grid_thw,
+            region_patch_masks=region_patch_masks,
+            region_boxes=region_boxes,
+            region_image_sizes=region_image_sizes,
+            region_local_pixel_values=region_local_pixel_values,
+            region_local_grid_thw=region_local_grid_thw,
+            region_local_index=region_local_index,
+            region_global_pixel_values=region_global_pixel_values,
+            region_global_grid_thw=region_global_grid_thw,
+            region_global_index=region_global_index,
+        )
         outputs = self.language_model(
             input_ids=None,
             attention_mask=attention_mask,
@@ -734,6 +847,9 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
     """PixelRefer / PixelRefer-Lite with the LM head: `forward` with `labels` for training, `generate` for answers."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As Qwen2ForCausalLM: under tensor parallelism the (possibly tied) head is split by vocabulary and gathered.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: PixelReferConfig):
         super().__init__(config)
@@ -756,6 +872,21 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
     def get_decoder(self) -> nn.Module:
         return self.model.language_model
 
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_grid_thw: torch.LongTensor,
+        image_merge_sizes: torch.LongTensor,
+        image_keep_mask: torch.BoolTensor | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """See [`PixelReferModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, image_grid_thw, image_merge_sizes, image_keep_mask)
+
+    def get_region_features(self, **region_inputs) -> torch.Tensor:
+        """See [`PixelReferModel.get_region_features`]."""
+        return self.model.get_region_features(**region_inputs)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -781,8 +912,8 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         region_global_pixel_values: torch.FloatTensor | None = None,
         region_global_grid_thw: torch.LongTensor | None = None,
         region_global_index: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> PixelReferCausalLMOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | PixelReferCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets; -100 is ignored. Positions holding `<image>` or `<REGION>` ids are never supervised.
@@ -812,6 +943,7 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             region_global_pixel_values=region_global_pixel_values,
             region_global_grid_thw=region_global_grid_thw,
             region_global_index=region_global_index,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -835,74 +967,99 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             object_hidden_states=outputs.object_hidden_states,
         )
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, always in eval mode.
+
+        In training mode (right after `trainer.train()`) the Qwen2 layers under gradient checkpointing drop the KV
+        cache while `generate` feeds one new token per step, which yields garbage; dropout (LoRA's too) would also
+        perturb the answer. So a model in training mode generates in eval mode and is put back in training mode
+        afterwards.
+        """
+        if not self.training:
+            return super().generate(*args, **kwargs)
+        logger.warning_once(
+            "generate() was called on a model in training mode; it runs in eval mode (KV cache on, dropout off) and "
+            "the model is put back in training mode afterwards. Call `model.eval()` first to silence this warning."
+        )
+        training_modules = [module for module in self.modules() if module.training]
+        self.eval()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for module in training_modules:
+                module.train()
+
+    def _get_logits_processor(self, generation_config, input_ids_seq_length=None, *args, **kwargs) -> LogitsProcessorList:
+        """The repetition penalty sees the generated tokens only, unless the generation config says otherwise.
+
+        The official inference (`mm_infer`) calls `generate` with `inputs_embeds` alone, so the released checkpoints'
+        `repetition_penalty` never penalised prompt tokens. `generation_config.repetition_penalty_scope = "all"`
+        gives transformers' usual behaviour (prompt tokens penalised too).
+        """
+        processors = super()._get_logits_processor(generation_config, input_ids_seq_length, *args, **kwargs)
+        scope = getattr(generation_config, "repetition_penalty_scope", "generated")
+        if scope not in ("generated", "all"):
+            raise ValueError(f'repetition_penalty_scope must be "generated" or "all", got {scope!r}')
+        if scope == "generated" and input_ids_seq_length:
+            for processor in processors:
+                if isinstance(processor, RepetitionPenaltyLogitsProcessor):
+                    processor.prompt_ignore_length = int(input_ids_seq_length)
+        return processors
+
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None, **kwargs
     ):
-        """Beam search and `num_return_sequences` repeat every sample `expand_size` times. The packed visual tensors
-        have no batch dimension, so they are repeated per sample (whole images and crops), not row by row."""
+        """Beam search and `num_return_sequences` repeat every sample `expand_size` times.
+
+        The images and crops are encoded once: the prompt embeddings, with the visual and object tokens already in
+        their slots, are computed for the original batch and repeated like any other per-sample tensor; the prefill
+        step then runs from `inputs_embeds`, and later steps use the token ids as usual.
+        """
         packed = {
             name: kwargs.pop(name)
             for name in list(kwargs)
             if name.startswith(MULTIMODAL_INPUT_PREFIXES) and kwargs[name] is not None
         }
         if expand_size > 1 and packed:
-            packed = self._repeat_packed_inputs(input_ids, packed, expand_size)
+            embeds = kwargs.get("inputs_embeds")
+            kwargs["inputs_embeds"], _, _ = self.model.embed_multimodal_inputs(
+                input_ids=input_ids if embeds is None else None, inputs_embeds=embeds, **packed
+            )
+            if embeds is None:
+                # Without a KV cache every step re-reads the whole prompt, which now exists only as embeddings.
+                kwargs[PROMPT_EMBEDS_KEY] = kwargs["inputs_embeds"]
+            packed = {}
         input_ids, kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kwargs)
         kwargs.update(packed)
         return input_ids, kwargs
 
-    def _repeat_packed_inputs(self, input_ids: torch.Tensor, packed: dict, expand_size: int) -> dict:
-        """Repeat each sample's images and crops `expand_size` times, in sample order.
-
-        Items are assigned to samples by their token counts: images and crops are packed in sample order, and sample
-        `s` holds exactly as many placeholder tokens as its items produce.
-        """
-
-        def sample_order(item_tokens: torch.Tensor, token_id: int) -> torch.Tensor:
-            """Item indices of every sample, each sample's run repeated `expand_size` times."""
-            tokens_per_sample = (input_ids == token_id).sum(-1)
-            ends = torch.searchsorted(torch.cumsum(item_tokens, 0), torch.cumsum(tokens_per_sample, 0), right=True)
-            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-            runs = [torch.arange(start, end) for start, end in zip(starts.tolist(), ends.tolist())]
-            return torch.cat([run for run in runs for _ in range(expand_size)]).to(item_tokens.device)
-
-        def gather_segments(values: torch.Tensor, lengths: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-            """Concatenate the segments `order` of a packed tensor whose segments have `lengths`."""
-            starts = torch.cumsum(lengths, 0) - lengths
-            return values[torch.repeat_interleave(starts[order], lengths[order]) + positions_in_segment(lengths[order])]
-
-        out = dict(packed)
-        if "pixel_values" in packed:
-            grid, merge = packed["image_grid_thw"], packed["image_merge_sizes"]
-            merged = grid.prod(-1) // merge.pow(2)
-            keep = packed.get("image_keep_mask")
-            tokens = merged if keep is None else torch.stack([k.sum() for k in keep.split(merged.tolist())])
-            order = sample_order(tokens, self.config.image_token_id)
-            out["pixel_values"] = gather_segments(packed["pixel_values"], grid.prod(-1), order)
-            out["image_grid_thw"], out["image_merge_sizes"] = grid[order], merge[order]
-            if keep is not None:
-                out["image_keep_mask"] = gather_segments(keep, merged, order)
-        if "region_pixel_values" in packed:
-            grid = packed["region_grid_thw"]
-            patches = grid.prod(-1)
-            masked = torch.stack([m.gt(0).sum() for m in packed["region_patch_masks"].split(patches.tolist())])
-            n = self.config.num_object_tokens
-            tokens = torch.full_like(masked, n) if self.config.is_lite else masked.clamp(max=n)
-            order = sample_order(tokens, self.config.region_token_id)
-            out["region_pixel_values"] = gather_segments(packed["region_pixel_values"], patches, order)
-            out["region_patch_masks"] = gather_segments(packed["region_patch_masks"], patches, order)
-            # Per-crop tensors follow the crops; the context-image pools stay shared and keep their indices.
-            for name in ("region_grid_thw", "region_boxes", "region_image_sizes", "region_local_index", "region_global_index"):
-                if name in packed:
-                    out[name] = packed[name][order]
-        return out
-
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        prompt_embeds = kwargs.pop(PROMPT_EMBEDS_KEY, None)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         # Images and regions are consumed by the prefill step; decoding steps only extend the KV cache.
         if not is_first_iteration and kwargs.get("use_cache", True):
             for name in [name for name in model_inputs if name.startswith(MULTIMODAL_INPUT_PREFIXES)]:
                 del model_inputs[name]
+        elif not is_first_iteration and prompt_embeds is not None:
+            # No cache after an expanded prefill: the prompt's embeddings (features in place), then the new tokens.
+            new_tokens = model_inputs["input_ids"][:, prompt_embeds.shape[1] :]
+            embeds = torch.cat([prompt_embeds, self.get_input_embeddings()(new_tokens)], dim=1)
+            model_inputs["input_ids"], model_inputs["inputs_embeds"] = None, embeds
         return model_inputs
 
 
