@@ -46,8 +46,24 @@ PIPELINE_REGISTRY.register_pipeline(
     "region-qa", pipeline_class=RegionQAPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
 )
 
+
+
+def __getattr__(name: str):
+    # The collator reads training rows with `datasets` (the `train` extra): imported on first use only.
+    if name == "PixelReferDataCollator":
+        try:
+            from .collator import PixelReferDataCollator
+        except ImportError as error:
+            raise ImportError(
+                f"PixelReferDataCollator needs the training extra: pip install 'pixelrefer-hf[train]' ({error})"
+            ) from error
+        return PixelReferDataCollator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PixelReferConfig",
+    "PixelReferDataCollator",
     "PixelReferForConditionalGeneration",
     "PixelReferImageProcessor",
     "PixelReferModel",
