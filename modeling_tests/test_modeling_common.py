@@ -1021,7 +1021,11 @@ def test_assisted_decoding_matches_greedy(tester, kind):
     if kind == "assistant_model":
         assistance = {"assistant_model": tester.create_model()}  # a second copy of the same tiny model
     else:
+        # Prompt lookup copies candidates from the prompt, placeholder runs included: refused with images/regions.
         assistance = {"prompt_lookup_num_tokens": 3}
+        with pytest.raises(ValueError, match="prompt_lookup_num_tokens is not supported with images or regions"):
+            generate(model, tester.prepare_inputs([0]), max_new_tokens=6, **assistance)
+        return
     for i in range(3):
         single = tester.prepare_inputs([i])
         expected = generate(model, single, max_new_tokens=6)

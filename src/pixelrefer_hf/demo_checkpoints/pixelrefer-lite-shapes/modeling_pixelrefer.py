@@ -22,7 +22,11 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen2Model
 from transformers.cache_utils import Cache
-from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -622,45 +626,42 @@ class PixelReferModel(PixelReferPreTrainedModel):
             region_image_sizes, region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
         )
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
         image_grid_thw: torch.LongTensor,
         image_merge_sizes: torch.LongTensor,
-        image_keep_mask: torch.BoolTensor | None = None,
-    ) -> BaseModelOutputWithPooling:
-        """Global visual tokens of images and video frames, as the LLM receives them (PixelRefer only).
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Global visual tokens of images and video frames (PixelRefer only), as in transformers' VideoLLaMA3.
 
-        Returns `last_hidden_state` `(sum_i h_i * w_i / m_i^2, vision_hidden)` (tower output, merged) and
-        `pooler_output`, a tuple with per image or frame its projected tokens `(kept tokens, text_hidden)`: the rows
-        `forward` writes into that image's `<image>` slots (after token compression when `image_keep_mask` is given).
+        Returns the tower output (`last_hidden_state` `(sum_i h_i * w_i / m_i^2, vision_hidden)`, merged) and
+        `pooler_output`, a tuple with per image or frame its projected tokens `(h_i * w_i / m_i^2, text_hidden)`.
+        `forward` writes these into the `<image>` slots, after dropping what video token compression
+        (`image_keep_mask`) removes.
         """
         if self.projector is None:
             raise ValueError(
                 "PixelRefer-Lite feeds no global visual tokens to the LLM, so it has no image features; its images "
                 "reach the model only through regions (`get_region_features`)."
             )
-        (features,) = self.encode_images([pixel_values], [image_grid_thw], [image_merge_sizes])
-        return self._project_image_features(features, image_grid_thw, image_merge_sizes, image_keep_mask)
+        vision_outputs = self.vision_model(
+            pixel_values=pixel_values, grid_thw=image_grid_thw, merge_sizes=image_merge_sizes, return_dict=True, **kwargs
+        )
+        return self._project_image_features(vision_outputs, image_grid_thw, image_merge_sizes)
 
     def _project_image_features(
-        self,
-        features: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        image_merge_sizes: torch.Tensor,
-        image_keep_mask: torch.Tensor | None,
+        self, vision_outputs: ModelOutput, image_grid_thw: torch.Tensor, image_merge_sizes: torch.Tensor
     ) -> BaseModelOutputWithPooling:
-        """Token compression and projection of encoded global images (see `get_image_features`)."""
+        """Project encoded global images; `pooler_output` holds each image's tokens (see `get_image_features`)."""
         tokens_per_image = image_grid_thw.prod(-1) // image_merge_sizes.pow(2)
-        if image_keep_mask is not None:
-            keep = image_keep_mask.to(features.device)
-            tokens_per_image = torch.stack([part.sum() for part in keep.split(tokens_per_image.tolist())])
-            kept = features[keep]
-        else:
-            kept = features
-        projected = self.projector(kept)
+        projected = self.projector(vision_outputs.last_hidden_state)
         return BaseModelOutputWithPooling(
-            last_hidden_state=features, pooler_output=projected.split(tokens_per_image.tolist())
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=projected.split(tokens_per_image.tolist()),
+            hidden_states=getattr(vision_outputs, "hidden_states", None),
+            attentions=getattr(vision_outputs, "attentions", None),
         )
 
     def get_placeholder_mask(
@@ -746,9 +747,11 @@ class PixelReferModel(PixelReferPreTrainedModel):
         image_embeds = object_embeds = None
         if has_images:
             image_features = self._project_image_features(
-                encoded.pop(0), image_grid_thw, image_merge_sizes, image_keep_mask
+                ModelOutput(last_hidden_state=encoded.pop(0)), image_grid_thw, image_merge_sizes
             )
             image_embeds = torch.cat(image_features.pooler_output).to(inputs_embeds.dtype)
+            if image_keep_mask is not None:
+                image_embeds = image_embeds[image_keep_mask.to(image_embeds.device)]
             slots = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image")
             merged = merged.masked_scatter(slots[..., None].to(merged.device), image_embeds)
         if has_regions:
@@ -877,10 +880,10 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         pixel_values: torch.FloatTensor,
         image_grid_thw: torch.LongTensor,
         image_merge_sizes: torch.LongTensor,
-        image_keep_mask: torch.BoolTensor | None = None,
-    ) -> BaseModelOutputWithPooling:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
         """See [`PixelReferModel.get_image_features`]."""
-        return self.model.get_image_features(pixel_values, image_grid_thw, image_merge_sizes, image_keep_mask)
+        return self.model.get_image_features(pixel_values, image_grid_thw, image_merge_sizes, **kwargs)
 
     def get_region_features(self, **region_inputs) -> torch.Tensor:
         """See [`PixelReferModel.get_region_features`]."""
@@ -975,6 +978,15 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         perturb the answer. So a model in training mode generates in eval mode and is put back in training mode
         afterwards.
         """
+        if kwargs.get("prompt_lookup_num_tokens") and any(
+            name.startswith(MULTIMODAL_INPUT_PREFIXES) and value is not None for name, value in kwargs.items()
+        ):
+            # Its candidates are copied from the prompt, `<image>` / `<REGION>` runs included, and the verifying
+            # prefill would then hold more placeholder tokens than there are features to put in them.
+            raise ValueError(
+                "prompt_lookup_num_tokens is not supported with images or regions (candidates copied from the prompt "
+                "would include <image> / <REGION> placeholders); use assistant_model=... or plain decoding"
+            )
         if not self.training:
             return super().generate(*args, **kwargs)
         logger.warning_once(
@@ -990,7 +1002,11 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
                 module.train()
 
     def _get_logits_processor(self, generation_config, input_ids_seq_length=None, *args, **kwargs) -> LogitsProcessorList:
-        """The repetition penalty sees the generated tokens only, unless the generation config says otherwise.
+        """Placeholder tokens are never generated, and the repetition penalty sees the generated tokens only, unless
+        the generation config says otherwise.
+
+        `<image>` / `<REGION>` are input slots: a generated one would be read as a slot by any later step that re-reads
+        the sequence with the images (no KV cache, assisted decoding).
 
         The official inference (`mm_infer`) calls `generate` with `inputs_embeds` alone, so the released checkpoints'
         `repetition_penalty` never penalised prompt tokens. `generation_config.repetition_penalty_scope = "all"`
@@ -1004,6 +1020,10 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             for processor in processors:
                 if isinstance(processor, RepetitionPenaltyLogitsProcessor):
                     processor.prompt_ignore_length = int(input_ids_seq_length)
+        device = kwargs.get("device") or self.device
+        processors.append(
+            SuppressTokensLogitsProcessor([self.config.image_token_id, self.config.region_token_id], device=device)
+        )
         return processors
 
     def _expand_inputs_for_generation(
@@ -1033,6 +1053,9 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         kwargs.update(packed)
         return input_ids, kwargs
 
+    def _placeholder_ids(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.config.image_token_id, self.config.region_token_id], device=device)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -1051,8 +1074,16 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        # Images and regions are consumed by the prefill step; decoding steps only extend the KV cache.
-        if not is_first_iteration and kwargs.get("use_cache", True):
+        # Images and regions are consumed by the prefill step; decoding steps only extend the KV cache. A call that
+        # continues from a cache already holding the prompt (its ids hold no placeholder any more) drops them too.
+        step_ids = model_inputs.get("input_ids")
+        continues_a_cache = (
+            step_ids is not None
+            and past_key_values is not None
+            and past_key_values.get_seq_length() > 0
+            and not bool(torch.isin(step_ids, self._placeholder_ids(step_ids.device)).any())
+        )
+        if (not is_first_iteration and kwargs.get("use_cache", True)) or continues_a_cache:
             for name in [name for name in model_inputs if name.startswith(MULTIMODAL_INPUT_PREFIXES)]:
                 del model_inputs[name]
         elif not is_first_iteration and prompt_embeds is not None:
