@@ -100,8 +100,10 @@ def test_key_mapping(key, variant, expected):
 def test_parser_defaults_and_choices():
     args = build_parser().parse_args(["--official", "a", "--out", "b"])
     assert (args.variant, args.dtype, args.push_to_hub, args.overwrite) == ("auto", "auto", None, False)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--official", "a", "--out", "b", "--dtype", "int8"])
+    assert args.resize_backend == "opencv"
+    for bad in (["--dtype", "int8"], ["--resize-backend", "pil"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--official", "a", "--out", "b", *bad])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,6 +131,9 @@ def test_converted_model_equals_the_model_the_official_weights_describe(variant,
     for key in expected:
         assert torch.equal(ours[key], expected[key]), key
 
+    # A converted checkpoint resizes with OpenCV, like the official code; the reference model's processor does not.
+    assert processor.image_processor.resize_backend == "opencv"
+    reference_processor.image_processor.resize_backend = "opencv"
     inputs = sample_inputs(processor, variant)
     reference_inputs = sample_inputs(reference_processor, variant)
     for key in reference_inputs:
@@ -145,6 +150,21 @@ def test_converted_model_equals_the_model_the_official_weights_describe(variant,
     )
     assert rendered == "<|im_start|>user\n<image>\nWhat is <region>?<|im_end|>\n<|im_start|>assistant\n"
     assert (out / "README.md").read_text().startswith("---\nlicense: apache-2.0")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_converted_processor_resizes_with_opencv_unless_told_otherwise(variant, tmp_path):
+    write_official_checkpoint(tmp_path / "official", variant, "bin")
+    default = convert_checkpoint(tmp_path / "official", tmp_path / "default")
+    saved = json.loads((default / "processor_config.json").read_text())["image_processor"]
+    assert saved["resize_backend"] == "opencv"
+    assert AutoProcessor.from_pretrained(default, trust_remote_code=True).image_processor.resize_backend == "opencv"
+
+    assert (
+        main(["--official", str(tmp_path / "official"), "--out", str(tmp_path / "numpy"), "--resize-backend", "numpy"])
+        == 0
+    )
+    assert PixelReferProcessor.from_pretrained(tmp_path / "numpy").image_processor.resize_backend == "numpy"
 
 
 def test_dtype_option_casts_the_weights_and_the_config(tmp_path):

@@ -5,15 +5,22 @@ OCI) on synthetic frames and tiny random weights; these tests run our implementa
 official code. See the fixture script for what exactly was computed and how.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures.official_checkpoint import write_official_checkpoint
 from safetensors import safe_open
 
-from pixelrefer_hf import PixelReferImageProcessor, PixelReferObjectCentricInfusion, PixelReferObjectTokenizer
-from pixelrefer_hf.convert import convert_state_dict
+from pixelrefer_hf import (
+    PixelReferImageProcessor,
+    PixelReferObjectCentricInfusion,
+    PixelReferObjectTokenizer,
+    PixelReferProcessor,
+)
+from pixelrefer_hf.convert import convert_checkpoint, convert_state_dict
 from pixelrefer_hf.testing import tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -38,27 +45,28 @@ def official_layout(golden: dict[str, torch.Tensor]):
     return frames, regions
 
 
-def processed(variant: str, golden: dict[str, torch.Tensor], num_object_tokens: int, backend: str = "numpy"):
-    # The default budget (8192 visual tokens) leaves every crop and context image at its official size.
-    image_processor = PixelReferImageProcessor(
-        variant=variant, num_object_tokens=num_object_tokens, resize_backend=backend
-    )
+def processed(image_processor: PixelReferImageProcessor, golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     frames, regions = official_layout(golden)
     # Both frames as one video, so that the Lite per-frame local-crop cache applies as in the official code.
     features, _ = image_processor.preprocess_multimodal(videos=[frames], regions=[regions])
-    return image_processor, features
+    return features
+
+
+def fixture_processor(variant: str, metadata: dict[str, str], backend: str) -> PixelReferImageProcessor:
+    # The default budget (8192 visual tokens) leaves every crop and context image at its official size.
+    return PixelReferImageProcessor(
+        variant=variant, num_object_tokens=int(metadata["num_object_tokens"]), resize_backend=backend
+    )
 
 
 def split_per_image(values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
     return list(values.split(grid_thw.prod(-1).tolist()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_scale_adaptive_crops_match_the_official_crop_function(variant, backend):
-    golden, metadata = load_fixture(variant)
+def assert_official_crops(image_processor, golden, metadata, max_grey_levels: int) -> None:
+    """Crops, patch masks and boxes of `image_processor` on the fixture frames equal the official ones."""
     num_crops = int(metadata["num_crops"])
-    image_processor, features = processed(variant, golden, int(metadata["num_object_tokens"]), backend)
+    features = processed(image_processor, golden)
     grids = features["region_grid_thw"]
     pixel_values = split_per_image(features["region_pixel_values"], grids)
     patch_masks = split_per_image(features["region_patch_masks"], grids)
@@ -76,13 +84,12 @@ def test_scale_adaptive_crops_match_the_official_crop_function(variant, backend)
         assert torch.equal(patch_masks[i].bool(), (official_mask > 0).flatten()), i
         expected, _, _ = image_processor._normalize_and_patchify(crop)
         difference = (pixel_values[i] - torch.from_numpy(expected)).abs()
-        assert float(difference.max()) <= MAX_GREY_LEVELS[backend] * unit + 1e-6, (i, float(difference.max()) / unit)
+        assert float(difference.max()) <= max_grey_levels * unit + 1e-6, (i, float(difference.max()) / unit)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lite_context_images_match_the_official_ones_including_the_local_crop_reuse(backend):
-    golden, metadata = load_fixture("pixelrefer-lite")
-    image_processor, features = processed("pixelrefer-lite", golden, int(metadata["num_object_tokens"]), backend)
+def assert_official_context_images(image_processor, golden, max_grey_levels: int) -> None:
+    """Lite local / global context images of `image_processor` on the fixture frames equal the official ones."""
+    features = processed(image_processor, golden)
     unit = 1 / 255 / image_processor.image_std[0]
     for kind in ("local", "global"):
         # Same sharing pattern: crop i uses our image index[i] exactly when it used the official distinct image index[i].
@@ -91,7 +98,49 @@ def test_lite_context_images_match_the_official_ones_including_the_local_crop_re
         for j, values in enumerate(ours):
             expected, _, _ = image_processor._normalize_and_patchify(golden[f"{kind}_{j}"].numpy())
             difference = (values - torch.from_numpy(expected)).abs()
-            assert float(difference.max()) <= MAX_GREY_LEVELS[backend] * unit + 1e-6, (kind, j)
+            assert float(difference.max()) <= max_grey_levels * unit + 1e-6, (kind, j)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_scale_adaptive_crops_match_the_official_crop_function(variant, backend):
+    golden, metadata = load_fixture(variant)
+    assert_official_crops(fixture_processor(variant, metadata, backend), golden, metadata, MAX_GREY_LEVELS[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lite_context_images_match_the_official_ones_including_the_local_crop_reuse(backend):
+    golden, metadata = load_fixture("pixelrefer-lite")
+    image_processor = fixture_processor("pixelrefer-lite", metadata, backend)
+    assert_official_context_images(image_processor, golden, MAX_GREY_LEVELS[backend])
+
+
+@pytest.fixture(scope="module")
+def converted_image_processors(tmp_path_factory) -> dict[str, PixelReferImageProcessor]:
+    """The image processor of a tiny official-layout checkpoint converted with no option, per variant."""
+    processors = {}
+    for variant in VARIANTS:
+        root = tmp_path_factory.mktemp(f"converted-{variant}")
+        write_official_checkpoint(root / "official", variant, fmt="safetensors")
+        config = json.loads((root / "official" / "config.json").read_text())
+        # The released budget (official mm_max_length): every fixture crop and context image keeps its official size.
+        config["mm_max_length"] = 8192
+        (root / "official" / "config.json").write_text(json.dumps(config))
+        out = convert_checkpoint(root / "official", root / "converted")
+        processors[variant] = PixelReferProcessor.from_pretrained(out).image_processor
+    return processors
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_converted_checkpoint_reproduces_the_official_preprocessing_by_default(converted_image_processors, variant):
+    """Whoever converts the released weights gets the official crops, patch masks and context images exactly."""
+    image_processor = converted_image_processors[variant]
+    golden, metadata = load_fixture(variant)
+    assert image_processor.resize_backend == "opencv"
+    assert image_processor.num_object_tokens == int(metadata["num_object_tokens"])
+    assert_official_crops(image_processor, golden, metadata, max_grey_levels=0)
+    if variant == "pixelrefer-lite":
+        assert_official_context_images(image_processor, golden, max_grey_levels=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

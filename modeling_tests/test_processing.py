@@ -4,6 +4,12 @@ Expected crop sizes below are computed by hand from the rules of `docs/design.md
 P = 14, n = 32, pad = 28, max patches 100 (PixelRefer) / 50 (Lite).
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +17,14 @@ from PIL import Image
 from synthetic_inputs import box_mask, random_image
 from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
 
-from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor, _box_resize, object_token_count
+from pixelrefer_hf.image_processing_pixelrefer import (
+    PixelReferImageProcessor,
+    _bilinear,
+    _box_resize,
+    _opencv_linear_support,
+    _torch_uint8_bilinear,
+    object_token_count,
+)
 from pixelrefer_hf.processing_pixelrefer import PixelReferProcessor
 from pixelrefer_hf.tokenizer_assets import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
 
@@ -179,6 +192,185 @@ def test_thin_object_on_the_dropped_border_row_still_gets_tokens():
     )
     assert features["region_patch_masks"].sum() >= 1
     assert layouts[0].region_token_counts[0][0] >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patch-grid masks: the official rules
+# ----------------------------------------------------------------------------------------------------------------
+
+# x86 CPUs with AVX2 run torch's vectorised uint8 kernel; torch's portable fallback (other CPUs) reads the wrong rows
+# when the output is one column wide, which the emulation does not reproduce.
+VECTORISED_TORCH = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def official_uint8_resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """What the official PixelRefer crop function computes: torch's bilinear resize of a uint8 mask."""
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(mask))[None, None], size=size, mode="bilinear", align_corners=False
+    )
+    return resized[0, 0].numpy()
+
+
+def rounding_edge_cases() -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """uint8 masks and output sizes that hit the uint8 kernel's rounding: exact 0.25 / 0.5 interpolation values,
+    thin lines, odd sizes, up- and downscaling, one-pixel sizes, 22 x 22 grids, and arbitrary uint8 values."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for row, col in np.ndindex(4, 4):  # one pixel halved both ways: exactly 0.25 at one output
+        mask = np.zeros((8, 8), np.uint8)
+        mask[row, col] = 1
+        cases.append((mask, (4, 4)))
+    for size_in in (2, 5, 9, 22, 44, 45, 67, 69, 97, 330):  # a cross of one-pixel lines: 0.5 when halved
+        mask = np.zeros((size_in, size_in + 1), np.uint8)
+        mask[size_in // 2, :] = 1
+        mask[:, size_in // 3] = 1
+        diagonal = np.eye(size_in, size_in + 1, dtype=np.uint8)
+        for size_out in (1, 2, 3, 11, 15, 22, 23, 44, 130):
+            cases += [(mask, (size_out, size_out + 2)), (diagonal, (size_out + 1, size_out))]
+    for size in range(23, 330, 9):  # blobs on 22 x 22 grids (video frames) from crops of many sizes
+        blob = rng.random((size, size + 5)) < 0.35
+        cases.append((blob.astype(np.uint8), (22, 22)))
+    for index in range(400):  # anything: odd sizes, up and down, 1-pixel axes, full uint8 range
+        height, width = (int(v) for v in rng.integers(1, 90, size=2))
+        size_out = tuple(int(v) for v in rng.integers(1, 60, size=2))
+        if index % 3 == 2:
+            mask = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        else:
+            mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        cases.append((mask, size_out))
+    return cases
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uint8_mask_resize_equals_torch_interpolate(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compared = rounded_up = 0
+        for mask, size in rounding_edge_cases():
+            if size[1] == 1 and not VECTORISED_TORCH:
+                continue
+            expected = official_uint8_resize(mask, size)
+            np.testing.assert_array_equal(_torch_uint8_bilinear(mask, *size), expected, err_msg=f"{mask.shape} {size}")
+            compared += 1
+            if mask.max() <= 1:
+                # Where interpolating in float and keeping values >= 0.5 (the rule this replaces) loses patches.
+                rounded_up += int(((expected > 0) != (_bilinear(mask, *size) >= 0.5)).any())
+    finally:
+        torch.set_num_threads(previous)
+    assert compared > 550 and rounded_up > 100
+
+
+def test_uint8_mask_resize_equals_torch_portable_kernel(tmp_path):
+    """torch's portable kernel (ATEN_CPU_CAPABILITY=default, what CPUs without AVX2 run) agrees on outputs at least two
+    columns wide."""
+    cases = [(mask, size) for mask, size in rounding_edge_cases() if size[1] > 1]
+    np.savez(tmp_path / "cases.npz", *[mask for mask, _ in cases])
+    (tmp_path / "sizes.json").write_text(json.dumps([size for _, size in cases]))
+    child = textwrap.dedent(
+        """
+        import json, sys
+        import numpy as np, torch
+        masks = np.load(sys.argv[1] + "/cases.npz")
+        sizes = json.loads(open(sys.argv[1] + "/sizes.json").read())
+        out = {}
+        for i, size in enumerate(sizes):
+            mask = torch.from_numpy(masks[f"arr_{i}"])[None, None]
+            resized = torch.nn.functional.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+            out[f"arr_{i}"] = resized[0, 0].numpy()
+        np.savez(sys.argv[1] + "/resized.npz", **out)
+        print(torch.backends.cpu.get_cpu_capability())
+        """
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path)], check=False, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "DEFAULT"
+    resized = np.load(tmp_path / "resized.npz")
+    for i, (mask, size) in enumerate(cases):
+        np.testing.assert_array_equal(_torch_uint8_bilinear(mask, *size), resized[f"arr_{i}"], err_msg=str(size))
+
+
+def test_pixelrefer_patch_masks_round_like_the_official_uint8_resize():
+    # A 13 x 11 object: its crop (68 x 66 rows / cols) is upscaled x7 and its mask halved onto a 34 x 33 grid; the
+    # corner patch covers one mask pixel of four (0.25 in float), which the official uint8 kernel keeps.
+    mask = box_mask(120, 120, (40, 53), (50, 61))
+    image_processor = PixelReferImageProcessor()
+    features, _ = image_processor.preprocess_multimodal(images=[random_image(120, 120)], regions=[[mask]])
+    top, left, bottom, right = (int(v) for v in features["region_boxes"][0])
+    grid = tuple(features["region_grid_thw"][0, 1:].tolist())
+    expected = official_uint8_resize(mask[top:bottom, left:right].astype(np.uint8), grid) > 0
+    assert grid == (34, 33) and int(expected.sum()) == 42  # interpolating in float and keeping >= 0.5 gave 41
+    assert torch.equal(features["region_patch_masks"].bool(), torch.from_numpy(expected).flatten())
+
+    # Video: every crop of a moving, irregular object follows the same rule.
+    rng = np.random.default_rng(1)
+    rows, cols = np.mgrid[0:96, 0:128]
+    frames = [random_image(96, 128, seed) for seed in range(4)]
+    region = {}
+    for t in range(4):
+        blob = np.hypot((rows - 40 - 3 * t) / 1.3, cols - 50 - 5 * t) < 9 + 2 * t
+        region[t] = blob & (rng.random((96, 128)) < 0.9)
+    features, _ = image_processor.preprocess_multimodal(videos=[frames], regions=[[region]])
+    grids = features["region_grid_thw"]
+    for t, (patch_mask, box, grid) in enumerate(
+        zip(split_rows(features["region_patch_masks"], grids), features["region_boxes"], grids, strict=True)
+    ):
+        top, left, bottom, right = (int(v) for v in box)
+        crop = region[t][top:bottom, left:right].astype(np.uint8)
+        expected = official_uint8_resize(crop, (int(grid[1]), int(grid[2]))) > 0
+        assert torch.equal(patch_mask.bool(), torch.from_numpy(expected).flatten()), t
+
+
+@pytest.mark.parametrize("backend", ["opencv", "numpy"])
+def test_lite_patch_masks_follow_opencv_on_the_float_mask(backend):
+    """Official Lite: `cv2.resize(float32 mask, INTER_LINEAR) > 0`; "numpy" emulates OpenCV's own kernels (compared
+    with Intel IPP off, which opencv-python otherwise uses for some float resizes, adding ~1e-15 weights)."""
+    import cv2
+
+    image_processor = PixelReferImageProcessor(variant="pixelrefer-lite", resize_backend=backend)
+    rng = np.random.default_rng(2)
+    # The first object's patch-grid rows sample the mask exactly on its last row (OpenCV weighs it 0; interpolating
+    # in float64 gave it ~1e-15 and kept 6 patches more).
+    boxes = [((79, 108), (133, 160))]
+    for _ in range(12):
+        top, left = (int(v) for v in rng.integers(0, 100, size=2))
+        boxes.append(((top, top + int(rng.integers(2, 40))), (left, left + int(rng.integers(2, 50)))))
+    masks = [box_mask(120, 160, rows, cols) & (rng.random((120, 160)) < 0.95) for rows, cols in boxes]
+    masks[0] = box_mask(120, 160, *boxes[0])
+    features, _ = image_processor.preprocess_multimodal(images=[random_image(120, 160)], regions=[masks])
+    grids = features["region_grid_thw"]
+    use_ipp = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(backend == "opencv" and use_ipp)
+    try:
+        for i, (patch_mask, box, grid) in enumerate(
+            zip(split_rows(features["region_patch_masks"], grids), features["region_boxes"], grids, strict=True)
+        ):
+            top, left, bottom, right = (int(v) for v in box)
+            crop = masks[i][top : bottom + 1, left : right + 1].astype(np.float32)
+            soft = cv2.resize(crop, (int(grid[2]), int(grid[1])), interpolation=cv2.INTER_LINEAR)
+            assert torch.equal(patch_mask.bool(), torch.from_numpy(soft > 0).flatten()), i
+            if i == 0:
+                assert int(patch_mask.sum()) == 36
+    finally:
+        cv2.ipp.setUseIPP(use_ipp)
+
+
+def test_opencv_linear_support_equals_opencv_without_ipp():
+    import cv2
+
+    use_ipp = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        for mask, size in rounding_edge_cases():
+            if mask.max() > 1:
+                continue
+            soft = cv2.resize(mask.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_array_equal(_opencv_linear_support(mask, *size), soft.reshape(size) > 0, str(size))
+    finally:
+        cv2.ipp.setUseIPP(use_ipp)
 
 
 def test_global_images_match_videollama3(make_processor):
@@ -638,7 +830,10 @@ def test_other_bad_inputs(make_processor, image_and_mask):
         ([100, 100, 120, 130], r"sample 1, region 1: box .* lies entirely outside the 64x80 image"),
         ([10, 10, 10, 30], "sample 1, region 1: .*zero or negative area"),
         ({"size": [64, 80], "counts": "not an rle ###"}, "sample 1, region 1: invalid COCO RLE"),
-        (np.full((64, 80), 3, dtype=np.uint8), "sample 1, region 1: integer mask must contain only 0/1 or only 0/255, found values 3"),
+        (
+            np.full((64, 80), 3, dtype=np.uint8),
+            "sample 1, region 1: integer mask must contain only 0/1 or only 0/255, found values 3",
+        ),
         (np.full((64, 80), 1.5, dtype=np.float32), r"sample 1, region 1: .*\[0, 1\]"),
     ],
 )

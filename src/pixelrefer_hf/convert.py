@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from transformers.utils import logging
 
 from .configuration_pixelrefer import PixelReferConfig
-from .image_processing_pixelrefer import PixelReferImageProcessor
+from .image_processing_pixelrefer import RESIZE_BACKENDS, PixelReferImageProcessor
 from .modeling_pixelrefer import PixelReferForConditionalGeneration
 from .processing_pixelrefer import PixelReferProcessor
 from .tokenizer_assets import CHAT_TEMPLATE, IMAGE_TOKEN, REGION_TOKEN
@@ -396,10 +396,17 @@ def resolve_dtype(requested: str, official_config: Mapping) -> torch.dtype:
     return DTYPES[stated]
 
 
-def build_image_processor(config: PixelReferConfig, folder: Path) -> PixelReferImageProcessor:
+def build_image_processor(
+    config: PixelReferConfig, folder: Path, resize_backend: str = "opencv"
+) -> PixelReferImageProcessor:
     """Our image processor for `config`; image mean/std and min_pixels come from the snapshot's
-    `preprocessor_config.json` when it has one (the official code reads them from the tower's preprocessor)."""
+    `preprocessor_config.json` when it has one (the official code reads them from the tower's preprocessor).
+
+    `resize_backend="opencv"` (the default) resizes crops, context images and Lite patch masks with OpenCV like the
+    official code, so the converted checkpoint sees exactly the inputs the released weights were trained on.
+    """
     kwargs = config.image_processor_kwargs()
+    kwargs["resize_backend"] = resize_backend
     path = folder / "preprocessor_config.json"
     if path.is_file():
         official = json.loads(path.read_text())
@@ -529,6 +536,7 @@ def convert_checkpoint(
     model_card: str | Path | None = None,
     push_to_hub: str | None = None,
     overwrite: bool = False,
+    resize_backend: str = "opencv",
 ) -> Path:
     """Convert an official snapshot folder into a `pixelrefer_hf` folder (see the module docstring).
 
@@ -540,6 +548,9 @@ def convert_checkpoint(
         max_shard_size: safetensors shards are split above this size.
         model_card: a README.md to use instead of the shipped card of the variant.
         push_to_hub: upload the finished folder to this model repo.
+        overwrite: replace a non-empty `out_dir`.
+        resize_backend: the processor's `resize_backend`; `"opencv"` reproduces the official preprocessing exactly,
+            `"numpy"` approximates it (crops within one grey level) without OpenCV.
 
     Returns:
         The output folder.
@@ -569,7 +580,9 @@ def convert_checkpoint(
     # behaviour; "generated" is what the official inference does (the model's default when the field is absent).
     model.generation_config.repetition_penalty_scope = "generated"
     processor = PixelReferProcessor(
-        image_processor=build_image_processor(config, official_dir), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+        image_processor=build_image_processor(config, official_dir, resize_backend),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
     )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -623,6 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-card", default=None, help="README.md to use instead of the shipped card")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the result to this model repo")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--resize-backend",
+        choices=RESIZE_BACKENDS,
+        default="opencv",
+        help="how the processor resizes crops and context images: opencv reproduces the official preprocessing "
+        "exactly (default); numpy approximates it to within one grey level",
+    )
     return parser
 
 
@@ -641,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             model_card=args.model_card,
             push_to_hub=args.push_to_hub,
             overwrite=args.overwrite,
+            resize_backend=args.resize_backend,
         )
     except ConversionError as error:
         sys.stderr.write(f"error: {error}\n")

@@ -7,16 +7,21 @@ frame), rescaled so that the object covers a useful number of patches, with its 
 Lite context images (a local crop and the whole frame per object); and the differential-frame token compression of
 videos. See `docs/design.md` ("Scale-adaptive crop", "Processor output") for the contract with the model.
 
-Interpolation choices (the official code uses OpenCV, which is not a dependency here):
+Interpolation choices (`resize_backend`; checkpoints converted from the released weights use `"opencv"`):
 
-* object crops: `torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False)` on the uint8
-  crop, rounded back to uint8 (the same sampling grid as OpenCV `INTER_LINEAR`). Lite crops that shrink along both
-  axes use OpenCV `INTER_AREA` instead (area averaging when shrinking, OpenCV's seam interpolation when enlarging),
-  emulated in numpy to within one grey level, as the official Lite code does;
-* patch-grid masks: bilinear, `align_corners=False`, on the float {0, 1} mask of the crop;
-* Lite local (224) and global (336) images: the same OpenCV `INTER_AREA` emulation, in one step to their final size.
+* object crops: OpenCV `INTER_LINEAR` for PixelRefer; Lite crops that shrink along both axes use OpenCV `INTER_AREA`
+  instead, as the official Lite code does. `"opencv"` calls OpenCV and reproduces the official crops exactly;
+  `"numpy"` emulates them in float64 (the same sampling grid), to within one grey level;
+* Lite local (224) and global (336) images: OpenCV `INTER_AREA` (called, or emulated), in one step to their final size;
+* patch-grid masks, as the official code computes them: PixelRefer resizes the uint8 crop mask with torch's uint8
+  bilinear kernel (`F.interpolate(..., mode="bilinear", align_corners=False)`, fixed-point weights and a rounding to
+  uint8 after each separable pass), emulated here in integer numpy, exactly, on any machine and thread count
+  (`_torch_uint8_bilinear`); Lite resizes the float32 crop mask with OpenCV `INTER_LINEAR` (called by `"opencv"`,
+  emulated from OpenCV's coefficient arithmetic by `"numpy"`). Both keep the patches above 0, as the official region
+  encoders do.
 
-Crops and context images match OpenCV to within one grey level (`modeling_tests/test_parity.py`).
+Crops and context images match OpenCV exactly with `"opencv"` and to within one grey level with `"numpy"`
+(`modeling_tests/test_parity.py`).
 """
 
 import math
@@ -42,8 +47,8 @@ OBJECT_CROPS = ("scale_adaptive", "frame")
 
 
 def _opencv():
-    """OpenCV, imported only for `resize_backend="opencv"`: loading its native libraries in every process that merely
-    imports the processor is not worth it, and it stays an optional dependency of the remote code."""
+    """OpenCV (a dependency of the package), imported only by processors built with `resize_backend="opencv"`:
+    processes that never resize with it do not load its native libraries."""
     try:
         import cv2
     except ImportError as error:
@@ -96,9 +101,10 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
     token_compression_threshold (`float`, *optional*, defaults to 0.1):
         A merged token is kept when its mean absolute change (normalised pixel values x 255) exceeds this.
     resize_backend (`str`, *optional*, defaults to `"numpy"`):
-        How object crops and Lite context images are resized. `"numpy"` (no extra dependency, the same result on
-        every machine) matches OpenCV to within one grey level; `"opencv"` calls OpenCV as the official code does
-        and reproduces its crops exactly (needs `opencv-python-headless`).
+        How object crops, Lite context images and Lite patch masks are resized. `"opencv"` calls OpenCV as the
+        official code does and reproduces its preprocessing exactly; `pixelrefer convert` writes it into converted
+        checkpoints. `"numpy"` (OpenCV not loaded, the same result on every machine) matches OpenCV to within one
+        grey level; the tiny test models and the bundled demo checkpoints were trained with it.
     object_crop (`str`, *optional*, defaults to `"scale_adaptive"`):
         `"scale_adaptive"` is SAOT's crop. `"frame"` is the ablation baseline of plain mask pooling: an object's
         features are the patches under its mask in the whole frame at native scale (no crop, no upscaling of small
@@ -275,8 +281,8 @@ def _bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of the first two axes of `values` with half-pixel centres and no antialiasing (torch
     `align_corners=False`, OpenCV `INTER_LINEAR`), in float64.
 
-    Computed separably in numpy: torch's CPU kernel rounds values next to x.5 (and mask values next to the 0.5
-    threshold) differently with the number of threads, which made crops and masks depend on the machine.
+    Computed separably in numpy, the same on every machine (torch's float CPU kernel rounds values next to x.5
+    differently with the number of threads). Used by `resize_backend="numpy"` for object crops.
     """
 
     def resize_axis(array: np.ndarray, axis: int, size_out: int) -> np.ndarray:
@@ -293,6 +299,92 @@ def _bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.clip(np.rint(_bilinear(image, height, width)), 0, 255).astype(np.uint8)
+
+
+def _torch_uint8_linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The fixed-point taps of torch's uint8 linear resize along one axis (`align_corners=False`, no antialias, no
+    scale factor): per output index, two source indices, their integer weights and the weights' precision in bits.
+
+    Follows `HelperInterpBase::_compute_indices_min_size_weights` and `_compute_index_ranges_int16_weights`
+    (aten/src/ATen/native/cpu/UpSampleKernel.cpp): the source coordinate in float64, clamped at 0; its integer part
+    taken in float32 (`floorf`); the two linear weights in float64, both given to the single source pixel at the last
+    index; the precision is the first `p` at which the axis's largest weight times `2**(p + 1)`, rounded, reaches
+    2**15 (14 bits when a weight is 1, else 15 for linear weights); each weight is rounded half up to `p` bits.
+    """
+    scale = size_in / size_out
+    source = np.maximum(scale * (np.arange(size_out) + 0.5) - 0.5, 0.0)
+    lower = np.minimum(np.floor(source.astype(np.float32)).astype(np.int64), size_in - 1)
+    fraction = np.clip(source - lower, 0.0, 1.0)
+    # The triangle filter at the two taps, `1 - |x|` for |x| < 1, in torch's order of operations.
+    weight_lower = np.where(fraction < 1.0, 1.0 - fraction, 0.0)
+    distance = 1.0 - fraction
+    weight_upper = np.where(distance < 1.0, 1.0 - distance, 0.0)
+    at_end = lower >= size_in - 1
+    upper = np.where(at_end, lower, lower + 1)
+    weight_lower = np.where(at_end, weight_lower + weight_upper, weight_lower)
+    weight_upper = np.where(at_end, 0.0, weight_upper)
+    largest = float(max(weight_lower.max(), weight_upper.max()))
+    precision = 0
+    while precision < 22 and int(0.5 + largest * (1 << (precision + 1))) < 1 << 15:
+        precision += 1
+    scaled_lower = np.floor(0.5 + weight_lower * (1 << precision)).astype(np.int64)
+    scaled_upper = np.floor(0.5 + weight_upper * (1 << precision)).astype(np.int64)
+    return lower, upper, scaled_lower, scaled_upper, precision
+
+
+def _torch_uint8_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`torch.nn.functional.interpolate(values[None, None], (height, width), mode="bilinear", align_corners=False)`
+    for an `(H, W)` uint8 array, bit for bit, in integer numpy (no dependence on threads or CPU features).
+
+    torch's uint8 kernel is separable: the width first, then the height, each pass skipped when that size does not
+    change; every pass sums integer weights times pixels, adds half a unit, shifts the precision away and clamps to
+    uint8 (so a mask value of exactly 0.25 in float, 0.5 after the first pass, rounds up to 1). The AVX2 / AVX-512
+    kernels that x86 CPUs run compute exactly this. (torch's portable fallback for CPUs without AVX2 reads the wrong
+    rows when the output is one column wide; that case is not reproduced.)
+    """
+    result = values.astype(np.int64)
+    for axis, size_out in ((1, width), (0, height)):
+        size_in = result.shape[axis]
+        if size_in == size_out:
+            continue
+        lower, upper, weight_lower, weight_upper, precision = _torch_uint8_linear_taps(size_in, size_out)
+        shape = [1, 1]
+        shape[axis] = -1
+        total = (
+            (1 << (precision - 1))
+            + result.take(lower, axis=axis) * weight_lower.reshape(shape)
+            + result.take(upper, axis=axis) * weight_upper.reshape(shape)
+        )
+        result = np.clip(total >> precision, 0, 255)
+    return result.astype(np.uint8)
+
+
+def _opencv_linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two source pixels with a positive weight in OpenCV's `INTER_LINEAR` resize along one axis, per output
+    index (the same index twice when only one has), from OpenCV's own coefficient arithmetic: the scale is the
+    reciprocal of `size_out / size_in`, the source coordinate `(o + 0.5) * scale - 0.5` is rounded to float32, its
+    integer part and both neighbours are clamped into the axis, and the second neighbour weighs the (float32)
+    fractional part."""
+    coordinate = ((np.arange(size_out) + 0.5) * (1.0 / (size_out / size_in)) - 0.5).astype(np.float32)
+    integer = np.floor(coordinate)
+    lower = np.clip(integer, 0, size_in - 1).astype(np.int64)
+    upper = np.where(coordinate > integer, np.clip(integer + 1, 0, size_in - 1).astype(np.int64), lower)
+    return lower, upper
+
+
+def _opencv_linear_support(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Where `cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)` is above 0, for
+    an `(H, W)` {0, 1} mask: the output pixels with a positive weight on a pixel of the mask.
+
+    Exact for OpenCV's own kernels. opencv-python on x86 hands some float resizes to Intel IPP, whose weights are
+    computed in double precision: a weight that OpenCV rounds to 0 can then be ~1e-15, which makes a patch whose
+    sample point lies exactly on the mask's edge positive. `resize_backend="opencv"` calls OpenCV and gets that too.
+    """
+    rows_lower, rows_upper = _opencv_linear_taps(mask.shape[0], height)
+    cols_lower, cols_upper = _opencv_linear_taps(mask.shape[1], width)
+    present = mask.astype(bool)
+    horizontal = present[:, cols_lower] | present[:, cols_upper]
+    return horizontal[rows_lower] | horizontal[rows_upper]
 
 
 class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
@@ -335,6 +427,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             Drop merged tokens of a video frame that barely differ from the previous frame (PixelRefer, > 1 frame).
         token_compression_threshold (`float`, *optional*, defaults to 0.1):
             Keep a merged token when `mean(|frame_t - frame_{t-1}|) * 255` over its normalised pixels exceeds this.
+        resize_backend (`str`, *optional*, defaults to `"numpy"`):
+            `"opencv"` resizes object crops, Lite context images and Lite patch masks with OpenCV, exactly like the
+            official code (checkpoints converted by `pixelrefer convert` use it); `"numpy"` emulates OpenCV to within
+            one grey level without loading it. PixelRefer patch masks follow the official rule with both.
         **kwargs:
             Every `VideoLlama3ImageProcessorPil` option (`size`, `patch_size`, `merge_size` of still images,
             `image_mean`, `image_std`, `resample`, ...). `image_mean`/`image_std` default to 0.5 (SigLIP).
@@ -811,7 +907,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         try:
             if self.object_crop == "frame":
                 height, width = smart_resize(
-                    crop_height, crop_width, factor=self.patch_size, min_pixels=self.size.shortest_edge,
+                    crop_height,
+                    crop_width,
+                    factor=self.patch_size,
+                    min_pixels=self.size.shortest_edge,
                     max_pixels=max_pixels,
                 )
             else:
@@ -824,11 +923,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         area = self.is_lite and height < crop_height and width < crop_width
         resized = self._resize(crop, height, width, area=area)
 
-        soft = _bilinear(crop_mask, grid_h, grid_w)  # (grid_h, grid_w) float64
-        patch_mask = soft > 0 if self.is_lite else soft >= 0.5
+        patch_mask = self.patch_grid_mask(crop_mask, grid_h, grid_w)
         if not patch_mask.any():
             # A thin object can fall between the bilinear sample points (or, with the PixelRefer off-by-one, lie on
-            # the dropped last row/column). Keep the patch under one of its pixels so that it still yields tokens.
+            # the dropped last row/column). Keep the patch under its median pixel so that it still yields tokens.
             rows, cols = np.nonzero(mask)
             middle = len(rows) // 2
             row = min(max(int(rows[middle]), top), row_end - 1) - top
@@ -843,6 +941,24 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             "box": [float(v) for v in box],
             "crop_window": window,
         }
+
+    def patch_grid_mask(self, crop_mask: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+        """The `(grid_h, grid_w)` bool patch mask of an `(h, w)` bool crop mask, by the official rule (design doc,
+        "Scale-adaptive crop", step 5); the fallback for an empty result is `_object_crop`'s.
+
+        PixelRefer (`pixelrefer/mm_utils.py::resize_image_mask`): torch's uint8 bilinear resize of the uint8 mask,
+        then the region encoder keeps the patches above 0 (`_torch_uint8_bilinear`, exact with both backends).
+        Lite (`pixelreferlite/mm_utils.py::resize_image_mask`): OpenCV `INTER_LINEAR` on the float32 mask, then the
+        region encoder keeps the patches above 0: called with `resize_backend="opencv"`, emulated from OpenCV's own
+        coefficients with `"numpy"` (`_opencv_linear_support`).
+        """
+        if not self.is_lite:
+            return _torch_uint8_bilinear(crop_mask.astype(np.uint8), grid_h, grid_w) > 0
+        if self.resize_backend == "opencv":
+            cv2 = _opencv()
+            soft = cv2.resize(crop_mask.astype(np.float32), (grid_w, grid_h), interpolation=cv2.INTER_LINEAR)
+            return soft.reshape(grid_h, grid_w) > 0
+        return _opencv_linear_support(crop_mask, grid_h, grid_w)
 
     def _context_image(self, image: np.ndarray, side: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
         """Lite local / global context image: area-resized to `side x side` (or less, within `max_pixels`)."""
