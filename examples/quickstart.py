@@ -49,7 +49,7 @@ def main() -> None:
     ]
     images = [image] * len(prompts)
     inputs = processor(
-        text=prompts, images=images, regions=regions, padding=True, padding_side="left", return_tensors="pt"
+        text=prompts, images=images, regions=regions, padding=True, return_tensors="pt"
     )
 
     # Generation
