@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from test_modeling import moving_video
+from test_modeling import batch_inputs, moving_video
 from torch import nn
 from transformers import GenerationMixin, Qwen2ForCausalLM
 from transformers.cache_utils import Cache, StaticCache
@@ -230,16 +230,7 @@ def _processed(processor_kwargs: tuple, indices: tuple[int, ...], padding_side: 
     config = tiny_config(config_kwargs.pop("variant"), tiny_tokenizer())
     assert config.image_processor_kwargs() == {**config_kwargs, "variant": config.variant}, "non-default processor"
     processor = processor_for_config(config, tiny_tokenizer())
-    items = [example_items()[i] for i in indices]
-    return processor(
-        text=[item["text"] for item in items],
-        images=[item.get("images") for item in items],
-        videos=[item.get("videos") for item in items],
-        regions=[item["regions"] for item in items],
-        padding=True,
-        padding_side=padding_side,
-        return_tensors="pt",
-    )
+    return batch_inputs(processor, [example_items()[i] for i in indices], padding_side)
 
 
 class PixelReferModelTester:
