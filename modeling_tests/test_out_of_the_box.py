@@ -157,7 +157,7 @@ def test_pipeline_on_a_model_left_in_training_mode_gives_the_eval_answer(variant
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.5)
-    prompts, images, regions = two_prompts(processor)
+    _, images, regions = two_prompts(processor)
     items = [
         {"image": image, "regions": item_regions, "question": question}
         for image, item_regions, question in zip(

@@ -29,12 +29,12 @@ from transformers.generation import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.processing_utils import Unpack
 from transformers.models.video_llama_3.modeling_video_llama_3 import (
     VideoLlama3Projector,
     VideoLlama3VisionModel,
     eager_attention_forward,
 )
+from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, is_flash_attn_2_available, logging
 from transformers.utils.generic import is_flash_attention_requested
 
