@@ -40,7 +40,12 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from pixelrefer_hf.collator import PixelReferDataCollator
-from pixelrefer_hf.demo import demo_config_and_processor, demo_model_card
+from pixelrefer_hf.demo import (
+    bundle_checkpoint,
+    demo_config_and_processor,
+    demo_model_card,
+    is_bundled_checkpoint_folder,
+)
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
 from pixelrefer_hf.synthetic import COLORS, SHAPES, draw_image_scene, shapes_region_chat_dataset
 
@@ -212,6 +217,8 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     trainer.save_model(training_args.output_dir)
     # The Trainer also pickles its arguments; a published folder holds safetensors and JSON only.
     Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)
+    if is_bundled_checkpoint_folder(training_args.output_dir):
+        bundle_checkpoint(training_args.output_dir)  # shipped inside the package: no remote-code copies
     minutes = (time.monotonic() - started) / 60
 
     # What was done, next to the weights: the card and the evaluation script read it.

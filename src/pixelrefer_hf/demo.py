@@ -9,9 +9,17 @@ checkpoint (`pixelrefer convert --help`).
     >>> path = demo_checkpoint("pixelrefer")      # a folder: AutoModel / AutoProcessor / pipeline("region-qa")
 
 `examples/train_shapes.py` trains them (under 30 minutes per variant on a 2-core CPU) with [`demo_config`]; its output
-folder is what is committed under `pixelrefer_hf/demo_checkpoints/`. This module is not remote code.
+folder is what is committed under `pixelrefer_hf/demo_checkpoints/`, without remote code ([`bundle_checkpoint`]): the
+folders ship inside the package, whose import registers every class. A copy that must travel without the package is
+written by `save_pretrained`, which adds the remote-code modules:
+
+    >>> model = AutoModel.from_pretrained(path); processor = AutoProcessor.from_pretrained(path)
+    >>> model.save_pretrained("shapes-demo"); processor.save_pretrained("shapes-demo")   # loads anywhere
+
+This module is not remote code.
 """
 
+import json
 from pathlib import Path
 
 from .configuration_pixelrefer import PixelReferConfig
@@ -210,27 +218,37 @@ def replace_card_results(card: str, results_markdown: str) -> str:
     return card[: begin + len(CARD_RESULTS_BEGIN)] + "\n" + results_markdown.strip() + "\n" + card[end:]
 
 
-def refresh_demo_checkpoints() -> None:
-    """Copy the installed remote-code modules over the ones the bundled checkpoints carry (weights, configs and
-    tokenizer files are left as trained). Run `python -m pixelrefer_hf.demo` after changing a module that travels as
-    remote code; a test fails until then."""
-    package = Path(__file__).parent
-    for variant in DEMO_CHECKPOINTS:
-        path = Path(demo_checkpoint(variant))
-        for module in sorted(path.glob("*.py")):
-            module.write_bytes((package / module.name).read_bytes())
-        print(f"refreshed the remote code of {path}")
+def bundle_checkpoint(folder: str | Path) -> None:
+    """Strip from a saved checkpoint what only a folder travelling without this package needs: the remote-code
+    modules and the `auto_map` / `custom_pipelines` entries that point at them (with them, `trust_remote_code=True`
+    would load the folder's copies instead of the installed package). Weights, configs and tokenizer files stay."""
+    folder = Path(folder)
+    for module in folder.glob("*.py"):
+        module.unlink()
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for section in (data, data.get("image_processor") or {}):
+            section.pop("auto_map", None)
+            section.pop("custom_pipelines", None)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def is_bundled_checkpoint_folder(folder: str | Path) -> bool:
+    """Whether `folder` is one of the package's bundled demo checkpoint folders."""
+    return Path(folder).resolve().parent == DEMO_CHECKPOINT_ROOT.resolve()
+
 
 __all__ = [
     "DEMO_CHECKPOINTS",
+    "bundle_checkpoint",
     "demo_checkpoint",
     "demo_config",
     "demo_config_and_processor",
     "demo_model_card",
-    "refresh_demo_checkpoints",
+    "is_bundled_checkpoint_folder",
     "replace_card_results",
 ]
 
-
-if __name__ == "__main__":
-    refresh_demo_checkpoints()
