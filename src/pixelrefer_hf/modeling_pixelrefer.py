@@ -17,6 +17,7 @@ directly. The processor expands placeholders to exactly the number of tokens pro
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -319,6 +320,26 @@ class PixelReferObjectTokenizer(nn.Module):
         token_valid = torch.arange(n, device=tokens.device)[None, :] < num_tokens.clamp(max=n)[:, None]
         return tokens, token_valid
 
+    def forward(
+        self,
+        crop_features: torch.Tensor,
+        grid_thw: torch.Tensor,
+        patch_masks: torch.Tensor,
+        boxes: torch.Tensor,
+        image_sizes: torch.Tensor,
+        infuse: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Object tokens of every crop, in crop order, at the LLM width: `(num_object_tokens, text_hidden)`.
+
+        `aggregate` reduces each crop to at most n tokens; `infuse` (Lite: OCI with the crop's context images) maps the
+        `(num_crops, n, vision_hidden)` tokens to the same shape, and then all n tokens of a crop are kept (the padding
+        ones included: they are non-zero after OCI); without it only the real tokens are. The MLP projects them.
+        """
+        tokens, token_valid = self.aggregate(crop_features, grid_thw, patch_masks, boxes, image_sizes)
+        tokens = tokens.to(crop_features.dtype)
+        flat = infuse(tokens).flatten(0, 1) if infuse is not None else tokens[token_valid]
+        return self.projector(flat)
+
 
 
 class PixelReferCrossAttention(nn.Module):
@@ -504,57 +525,23 @@ class PixelReferModel(PixelReferPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def encode_images(
-        self, pixel_values: list[torch.Tensor], grid_thw: list[torch.Tensor], merge_sizes: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Encode several groups of images (global images, crops, context images) in ONE packed tower call.
+    def encode_images(self, groups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Encode named groups of images (global images, crops, context images) in ONE packed tower call.
 
-        Each group `g` is `pixel_values[g]` `(sum patches, 3 * p * p)` with `grid_thw[g]` `(num_images, 3)` and
-        `merge_sizes[g]` `(num_images,)`. Returns per group `(sum_i h_i * w_i / m_i^2, vision_hidden)`.
+        Each group is `(pixel_values (sum patches, 3 * p * p), grid_thw (num_images, 3), merge_sizes (num_images,))`.
+        Returns, under the same names, `(sum_i h_i * w_i / m_i^2, vision_hidden)` per group.
         """
-        grid = torch.cat(grid_thw)
+        pixel_values, grid_thw, merge_sizes = (list(parts) for parts in zip(*groups.values(), strict=True))
         outputs = self.vision_model(
-            pixel_values=torch.cat(pixel_values), grid_thw=grid, merge_sizes=torch.cat(merge_sizes), return_dict=True
+            pixel_values=torch.cat(pixel_values),
+            grid_thw=torch.cat(grid_thw),
+            merge_sizes=torch.cat(merge_sizes),
+            return_dict=True,
         ).last_hidden_state
-        sizes = [int((g.prod(-1) // m.pow(2)).sum()) for g, m in zip(grid_thw, merge_sizes)]
-        return list(outputs.split(sizes))
+        sizes = [int((grid.prod(-1) // merge.pow(2)).sum()) for grid, merge in zip(grid_thw, merge_sizes, strict=True)]
+        return dict(zip(groups, outputs.split(sizes), strict=True))
 
-    def get_object_features(
-        self,
-        crop_features: torch.Tensor,
-        region_grid_thw: torch.Tensor,
-        region_patch_masks: torch.Tensor,
-        region_boxes: torch.Tensor,
-        region_image_sizes: torch.Tensor,
-        local_features: torch.Tensor | None = None,
-        region_local_grid_thw: torch.Tensor | None = None,
-        region_local_index: torch.Tensor | None = None,
-        global_features: torch.Tensor | None = None,
-        region_global_grid_thw: torch.Tensor | None = None,
-        region_global_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Object tokens of every crop, concatenated in crop order: `(num_object_tokens, text_hidden)`."""
-        tokens, token_valid = self.object_tokenizer.aggregate(
-            crop_features, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes
-        )
-        if self.object_infusion is not None:
-            dtype = crop_features.dtype
-            tokens = self.object_infusion(
-                tokens.to(dtype),
-                local_features,
-                region_local_grid_thw.prod(-1),
-                region_local_index,
-                global_features,
-                region_global_grid_thw.prod(-1),
-                region_global_index,
-            )
-            # Lite feeds all n tokens (zero-padded ones included, they are non-zero after OCI).
-            flat = tokens.flatten(0, 1)
-        else:
-            flat = tokens[token_valid]
-        return self.object_tokenizer.projector(flat.to(crop_features.dtype))
-
-    def _region_tower_inputs(
+    def _region_tower_groups(
         self,
         region_pixel_values: torch.Tensor,
         region_grid_thw: torch.Tensor,
@@ -562,20 +549,18 @@ class PixelReferModel(PixelReferPreTrainedModel):
         region_local_grid_thw: torch.Tensor | None,
         region_global_pixel_values: torch.Tensor | None,
         region_global_grid_thw: torch.Tensor | None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """`(pixels, grid, merge sizes)` groups of the region side for `encode_images`: the crops, then (Lite) the local
-        and global context images, all at full patch resolution (merge size 1)."""
-        groups = [(region_pixel_values, region_grid_thw)]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The region side's groups for `encode_images`, all at full patch resolution (merge size 1): the object
+        crops, and for Lite the local and global context images."""
+        groups = {"crops": (region_pixel_values, region_grid_thw)}
         if self.object_infusion is not None:
-            groups += [
-                (region_local_pixel_values, region_local_grid_thw),
-                (region_global_pixel_values, region_global_grid_thw),
-            ]
-        return [(pixels, grid, torch.ones_like(grid[:, 0])) for pixels, grid in groups]
+            groups["local_context"] = (region_local_pixel_values, region_local_grid_thw)
+            groups["global_context"] = (region_global_pixel_values, region_global_grid_thw)
+        return {name: (pixels, grid, torch.ones_like(grid[:, 0])) for name, (pixels, grid) in groups.items()}
 
-    def _object_features_from_encoded(
+    def _object_embeddings(
         self,
-        encoded: list[torch.Tensor],
+        encoded: dict[str, torch.Tensor],
         region_grid_thw: torch.Tensor,
         region_patch_masks: torch.Tensor,
         region_boxes: torch.Tensor,
@@ -585,19 +570,20 @@ class PixelReferModel(PixelReferPreTrainedModel):
         region_global_grid_thw: torch.Tensor | None,
         region_global_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Object tokens from the tower outputs of the `_region_tower_inputs` groups (in that order)."""
-        context = {}
+        """SAOT (with OCI for Lite) on the encoded `_region_tower_groups`: `(num_object_tokens, text_hidden)`."""
+        infuse = None
         if self.object_infusion is not None:
-            context = {
-                "local_features": encoded[1],
-                "region_local_grid_thw": region_local_grid_thw,
-                "region_local_index": region_local_index,
-                "global_features": encoded[2],
-                "region_global_grid_thw": region_global_grid_thw,
-                "region_global_index": region_global_index,
-            }
-        return self.get_object_features(
-            encoded[0], region_grid_thw, region_patch_masks, region_boxes, region_image_sizes, **context
+            infuse = partial(
+                self.object_infusion,
+                local_features=encoded["local_context"],
+                local_lengths=region_local_grid_thw.prod(-1),
+                local_index=region_local_index,
+                global_features=encoded["global_context"],
+                global_lengths=region_global_grid_thw.prod(-1),
+                global_index=region_global_index,
+            )
+        return self.object_tokenizer(
+            encoded["crops"], region_grid_thw, region_patch_masks, region_boxes, region_image_sizes, infuse=infuse
         )
 
     def get_region_features(
@@ -617,13 +603,13 @@ class PixelReferModel(PixelReferPreTrainedModel):
         """Object tokens of the processor's `region_*` outputs without running the LLM (one tower call for crops and
         Lite context images): `(num_object_tokens, text_hidden)` in crop order, the rows `forward` places on the
         `<REGION>` tokens. For training or probing the object side on its own."""
-        groups = self._region_tower_inputs(
+        groups = self._region_tower_groups(
             region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
             region_global_pixel_values, region_global_grid_thw,
         )
-        return self._object_features_from_encoded(
-            self.encode_images(*map(list, zip(*groups))), region_grid_thw, region_patch_masks, region_boxes,
-            region_image_sizes, region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
+        return self._object_embeddings(
+            self.encode_images(groups), region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
+            region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
         )
 
     @can_return_tuple
@@ -732,22 +718,22 @@ class PixelReferModel(PixelReferPreTrainedModel):
         if not (has_images or has_regions):
             return inputs_embeds, None, None
 
-        groups = []
+        groups = {}
         if has_images:
-            groups.append((pixel_values, image_grid_thw, image_merge_sizes))
+            groups["images"] = (pixel_values, image_grid_thw, image_merge_sizes)
         if has_regions:
-            groups += self._region_tower_inputs(
+            groups |= self._region_tower_groups(
                 region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
                 region_global_pixel_values, region_global_grid_thw,
             )
-        encoded = self.encode_images(*map(list, zip(*groups)))
+        encoded = self.encode_images(groups)
         # Placeholder slots are found before any feature is written: once written, an embedding-based search would
         # no longer see them.
         merged = inputs_embeds
         image_embeds = object_embeds = None
         if has_images:
             image_features = self._project_image_features(
-                ModelOutput(last_hidden_state=encoded.pop(0)), image_grid_thw, image_merge_sizes
+                ModelOutput(last_hidden_state=encoded["images"]), image_grid_thw, image_merge_sizes
             )
             image_embeds = torch.cat(image_features.pooler_output).to(inputs_embeds.dtype)
             if image_keep_mask is not None:
@@ -755,7 +741,7 @@ class PixelReferModel(PixelReferPreTrainedModel):
             slots = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image")
             merged = merged.masked_scatter(slots[..., None].to(merged.device), image_embeds)
         if has_regions:
-            object_embeds = self._object_features_from_encoded(
+            object_embeds = self._object_embeddings(
                 encoded, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
                 region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
             ).to(inputs_embeds.dtype)
