@@ -87,9 +87,9 @@ def load_model_and_processor(name: str):
         from .demo import demo_checkpoint
 
         logger.warning(
-            f"Using {name!r}, the bundled toy model trained on synthetic coloured shapes: it knows colours, shapes, "
-            "sizes and motions of simple shapes and nothing about real photos. Pass --model with a converted "
-            "checkpoint for real answers (see `pixelrefer convert --help`)."
+            f"Using {name!r}, the bundled toy model trained on synthetic coloured shapes: it names the colour and shape "
+            "of a region (its answers on sizes and motions are near chance) and knows nothing about real photos. Pass "
+            "--model with a converted checkpoint for real answers (see `pixelrefer convert --help`)."
         )
         name = demo_checkpoint(DEMO_MODELS[name])
     elif name in TINY_RANDOM_MODELS:

@@ -1,7 +1,8 @@
 """The bundled demo checkpoints: small PixelRefer and PixelRefer-Lite models trained from scratch on synthetic shapes.
 
-They are toys. They know five colours, three shapes, which of two shapes is larger and which way a shape moves
-(`pixelrefer_hf.synthetic`), and nothing about real photos; they exist so that the `pixelrefer` command, the examples
+They are toys. They name the colour (five) and shape (three) of a region of a synthetic scene
+(`pixelrefer_hf.synthetic`); trained also on which of two shapes is larger and which way a shape moves, they answer those
+near chance; they know nothing about real photos; they exist so that the `pixelrefer` command, the examples
 and the tests run a model that really reads regions, offline, in seconds. For real weights convert a released
 checkpoint (`pixelrefer convert --help`).
 
@@ -120,8 +121,10 @@ tags:
 
 **This is not a real PixelRefer model.** It is a {parameters_m:.1f} M parameter {framework} model trained from
 scratch in {minutes} minutes on a CPU, on synthetic 224x224 scenes of coloured circles, squares and triangles
-(`pixelrefer_hf.synthetic`). It knows five colours, three shapes, which of two shapes is larger and which way a shape
-moves in an 8-frame clip, and nothing else: on real photos its answers are meaningless. It ships with `pixelrefer_hf`
+(`pixelrefer_hf.synthetic`). It names the colour and the shape of a region (five colours, three shapes); it was also
+trained on which of two shapes is larger and which way a shape moves in an 8-frame clip, but answers those near
+chance (see the table below). It knows nothing else: on real photos its answers are meaningless. It ships with
+`pixelrefer_hf`
 so that the `pixelrefer` command, the examples and the tests run a model that really reads regions, offline.
 
 For real weights, convert a released checkpoint (`Alibaba-DAMO-Academy/PixelRefer-7B`, ...) with
