@@ -165,7 +165,7 @@ def test_bundled_example_image_is_the_example_scene():
     committed = np.array(Image.open(ROOT / "examples" / "assets" / "shapes.png").convert("RGB"))
     scene = example_scene()
     assert (committed == scene.frames[0]).all()
-    for (shape, color, size, top, left), obj in zip(EXAMPLE_SCENE_OBJECTS, scene.objects):
+    for (_shape, _color, size, top, left), obj in zip(EXAMPLE_SCENE_OBJECTS, scene.objects):
         rows, cols = np.nonzero(obj.masks[0])
         # The README's boxes are [left, top, left + size, top + size]: the mask fills them (a triangle's apex row may
         # hold no pixel centre).
