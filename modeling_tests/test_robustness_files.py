@@ -306,3 +306,20 @@ def test_hub_cache_snapshots_may_link_into_their_blobs(tmp_path):
     assert check_inside_snapshot(revision, revision / "model.safetensors") == revision / "model.safetensors"
     with pytest.raises(ConversionError, match="outside the snapshot"):
         check_inside_snapshot(revision, tmp_path / "elsewhere.bin")
+
+
+def test_a_video_larger_than_max_pixels_is_refused_before_decoding(tmp_path, mp4_bytes):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(mp4_bytes)
+    assert len(read_video(path, fps=4, max_pixels=24 * 32).frames) == 8
+    with pytest.raises(ValueError, match="its frames are 24x32 = 768 pixels, more than max_image_pixels=767"):
+        read_video(path, fps=4, max_pixels=767)
+
+
+def test_command_line_mask_that_is_a_decompression_bomb_is_a_clear_error(tmp_path):
+    from pixelrefer_hf.cli import parse_region
+
+    bomb = tmp_path / "mask.png"
+    bomb.write_bytes(png_header_only(40_000, 40_000))
+    with pytest.raises(ValueError, match="--mask .*: cannot read the mask image: .*exceeds limit"):
+        parse_region("mask", str(bomb))

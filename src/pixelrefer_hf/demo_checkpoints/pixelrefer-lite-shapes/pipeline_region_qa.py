@@ -437,7 +437,7 @@ class RegionQAPipeline(Pipeline):
             if timestamps is not None:
                 raise ValueError(f"{prefix}'video_timestamps' cannot be given with a video file (it has its own)")
             try:
-                decoded = read_video(video, fps=fps, max_frames=max_frames)
+                decoded = read_video(video, fps=fps, max_frames=max_frames, max_pixels=max_pixels)
             except ValueError as error:
                 raise ValueError(f"{prefix}{error}") from error
             return decoded.frames, decoded.timestamps
