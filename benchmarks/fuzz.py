@@ -254,12 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", type=int, default=10_000, help="total cases (processor samples + pipeline items)")
     parser.add_argument("--pipeline-share", type=float, default=0.2, help="share of the cases sent to the pipeline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=["pixelrefer", "pixelrefer-lite"], default="pixelrefer")
     parser.add_argument("--smoke", action="store_true", help="300 cases, seconds")
     add_run_arguments(parser, timed_on_cpu=True)
     args = parse_run_arguments(parser, argv)
     cases = 300 if args.smoke else args.cases
     rng = np.random.default_rng(args.seed)
-    model, processor = tiny_model_and_processor("pixelrefer", seed=args.seed)
+    model, processor = tiny_model_and_processor(args.variant, seed=args.seed)
     pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa", max_new_tokens=2)
     good_item = {"image": np.full((HEIGHT, WIDTH, 3), 90, np.uint8), "regions": [[3, 4, 15, 17]], "question": "<region>?"}
     reference = {"item": good_item, "answer": pipe(good_item)["answer"]}
@@ -278,15 +279,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [[target, *(counts[target][o] for o in OUTCOMES), sum(counts[target].values())] for target in counts]
     rows.append(["total", *(sum(counts[t][o] for t in counts) for o in OUTCOMES), sum(sum(c.values()) for c in counts.values())])
     table = (
-        f"{rows[-1][-1]} fuzz cases (seed {args.seed}) in {seconds:.1f} s "
+        f"{rows[-1][-1]} fuzz cases ({args.variant}, seed {args.seed}) in {seconds:.1f} s "
         f"(pipeline {pipeline_seconds:.1f} s, processor {seconds - pipeline_seconds:.1f} s)\n\n"
         + markdown_table(["target", *OUTCOMES, "cases"], rows)
     )
     for failure in failures[:20]:
         print(failure)
-    payload = {"seed": args.seed, "cases": rows[-1][-1], "seconds": seconds, "pipeline_seconds": pipeline_seconds,
+    payload = {"variant": args.variant, "seed": args.seed, "cases": rows[-1][-1], "seconds": seconds, "pipeline_seconds": pipeline_seconds,
                "counts": counts, "failures": failures[:50]}
-    write_results("fuzz", payload, table, args.output_dir)
+    write_results("fuzz" if args.variant == "pixelrefer" else "fuzz_lite", payload, table, args.output_dir)
     return payload
 
 

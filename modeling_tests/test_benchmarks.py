@@ -114,4 +114,4 @@ def test_fuzz_smoke_run_finds_no_crash_and_no_batch_mismatch(bench, tmp_path):
         assert counts[target]["answered"] > 0 and counts[target]["clear ValueError"] > 0
         bugs = {k: v for k, v in counts[target].items() if k not in ("answered", "clear ValueError")}
         assert not any(bugs.values()), (bugs, payload["failures"][:5])
-    assert (tmp_path / "fuzz.md").read_text().startswith("300 fuzz cases")
+    assert (tmp_path / "fuzz.md").read_text().startswith("300 fuzz cases (pixelrefer, seed 0)")

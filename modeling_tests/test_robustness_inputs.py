@@ -386,3 +386,15 @@ def test_bad_items_in_a_batch_leave_the_good_answers_as_single_calls(pipe, good_
         assert str(error).startswith("item 0: "), error
     else:
         assert "answer" in error[0]
+
+
+def test_very_large_images_are_resized_within_the_budget_or_refused_without_a_copy(processor):
+    large = np.random.default_rng(2).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    inputs = processor(text="<image>\n<region>", images=large, regions=[[100, 200, 1900, 1400]], return_tensors="pt")
+    assert int(inputs["image_grid_thw"].prod(-1).sum()) <= processor.image_processor.max_visual_tokens
+    # 200 million pixels (600 MB as a real array) refused from the shape of a zero-copy view, before any copy.
+    huge = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (10_000, 20_000, 3))
+    with pytest.raises(ValueError, match="sample 0, image 0: the image is 10000x20000 = 200000000 pixels"):
+        processor(text="<image>\n<region>", images=huge, regions=[[0, 0, 5, 5]])
+    with pytest.raises(ValueError, match="sample 0, frame 1: the image is 10000x20000"):
+        processor(text="<video>\n<region>", videos=[[large[:8, :8], huge]], regions=[{0: [0, 0, 5, 5]}])
