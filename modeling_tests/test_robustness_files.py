@@ -323,3 +323,19 @@ def test_command_line_mask_that_is_a_decompression_bomb_is_a_clear_error(tmp_pat
     bomb.write_bytes(png_header_only(40_000, 40_000))
     with pytest.raises(ValueError, match="--mask .*: cannot read the mask image: .*exceeds limit"):
         parse_region("mask", str(bomb))
+
+
+def test_pipeline_refuses_too_many_frames_before_converting_them(model_and_processor, tmp_path, mp4_bytes):
+    model, processor = model_and_processor
+    limits = {**processor.image_processor.to_dict(), "max_video_frames": 3}
+    bounded = PixelReferProcessor(image_processor=PixelReferImageProcessor(**limits), tokenizer=processor.tokenizer,
+                                  chat_template=processor.chat_template)
+    pipe = RegionQAPipeline(model=model, processor=bounded, task="region-qa", max_new_tokens=2)
+    frames = [IMAGE] * 4
+    with pytest.raises(ValueError, match="item 0: the video has 4 frames, more than max_video_frames=3"):
+        pipe([{"video": frames, "regions": [{0: [1, 1, 5, 5]}], "question": "<region>?"}])
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(mp4_bytes)
+    with pytest.raises(ValueError, match="item 0: max_frames=32 would decode more frames than .*max_video_frames=3"):
+        pipe([{"video": str(path), "regions": [{0: [1, 1, 5, 5]}], "question": "<region>?"}])
+    assert "answer" in pipe({"video": str(path), "regions": [{0: [1, 1, 5, 5]}], "question": "<region>?"}, max_frames=3)

@@ -352,7 +352,13 @@ class RegionQAPipeline(Pipeline):
             content_type, images, video, timestamps = "image", [image], None, None
         else:
             frames, timestamps = self._load_video(
-                item["video"], item.get("video_timestamps"), prefix, fps, max_frames, max_pixels
+                item["video"],
+                item.get("video_timestamps"),
+                prefix,
+                fps,
+                max_frames,
+                max_pixels,
+                getattr(self.processor.image_processor, "max_video_frames", None),
             )
             masks = []
             for j, region in enumerate(regions):
@@ -431,11 +437,24 @@ class RegionQAPipeline(Pipeline):
 
     @staticmethod
     def _load_video(
-        video, timestamps, prefix: str, fps: float, max_frames: int | None, max_pixels: int | None = None
+        video,
+        timestamps,
+        prefix: str,
+        fps: float,
+        max_frames: int | None,
+        max_pixels: int | None = None,
+        max_video_frames: int | None = None,
     ) -> tuple[list[np.ndarray], list[float] | None]:
+        """Frames (and timestamps) of a video item, refusing more than `max_video_frames` frames before they are
+        converted or decoded."""
         if isinstance(video, (str, os.PathLike)):
             if timestamps is not None:
                 raise ValueError(f"{prefix}'video_timestamps' cannot be given with a video file (it has its own)")
+            if max_video_frames is not None and (max_frames is None or max_frames > max_video_frames):
+                raise ValueError(
+                    f"{prefix}max_frames={max_frames} would decode more frames than the image processor's "
+                    f"max_video_frames={max_video_frames}; pass max_frames <= {max_video_frames}"
+                )
             try:
                 decoded = read_video(video, fps=fps, max_frames=max_frames, max_pixels=max_pixels)
             except ValueError as error:
@@ -449,6 +468,11 @@ class RegionQAPipeline(Pipeline):
             raise ValueError(f"{prefix}'video' must be a list of frames, a 4-D array or a video file path")
         if not video:
             raise ValueError(f"{prefix}the video has no frames")
+        if max_video_frames is not None and len(video) > max_video_frames:
+            raise ValueError(
+                f"{prefix}the video has {len(video)} frames, more than max_video_frames={max_video_frames} (an image "
+                "processor option); sample fewer frames"
+            )
         frames = [_load_image(frame, f"{prefix}frame {t}", max_pixels) for t, frame in enumerate(video)]
         if timestamps is None:
             return frames, None
