@@ -398,3 +398,16 @@ def test_very_large_images_are_resized_within_the_budget_or_refused_without_a_co
         processor(text="<image>\n<region>", images=huge, regions=[[0, 0, 5, 5]])
     with pytest.raises(ValueError, match="sample 0, frame 1: the image is 10000x20000"):
         processor(text="<video>\n<region>", videos=[[large[:8, :8], huge]], regions=[{0: [0, 0, 5, 5]}])
+
+
+def test_tensors_without_dense_data_are_clear_errors(processor):
+    image = torch.rand(3, HEIGHT, WIDTH)
+    cases = {
+        "image 0: got a meta tensor": {"images": torch.empty(3, HEIGHT, WIDTH, device="meta"), "regions": [[0, 0, 4, 4]]},
+        "image 0: got a torch.sparse_coo tensor": {"images": image.to_sparse(), "regions": [[0, 0, 4, 4]]},
+        "region 0: got a meta tensor": {"images": image, "regions": [torch.ones(HEIGHT, WIDTH, device="meta")]},
+        "region 0: got a torch.sparse_coo tensor": {"images": image, "regions": [torch.ones(HEIGHT, WIDTH).to_sparse()]},
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(ValueError, match=f"sample 0, {message}"):
+            processor(text="<region>", **inputs)

@@ -177,9 +177,17 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
+def check_dense_tensor(tensor: torch.Tensor, where: str) -> None:
+    """Refuse a tensor that holds no readable data (meta device) or is not dense (sparse layouts)."""
+    if tensor.is_meta or tensor.layout != torch.strided:
+        kind = "a meta tensor (it holds no data)" if tensor.is_meta else f"a {tensor.layout} tensor"
+        raise ValueError(f"{where}: got {kind}; pass a dense tensor with data (e.g. `.to_dense()`)")
+
+
 def _to_array(region, where: str) -> np.ndarray:
     """Bring a numpy / torch / PIL mask to a numpy array without changing its values."""
     if isinstance(region, torch.Tensor):
+        check_dense_tensor(region, where)
         tensor = region.detach().cpu()
         if tensor.is_floating_point():
             tensor = tensor.float()  # numpy has no bfloat16

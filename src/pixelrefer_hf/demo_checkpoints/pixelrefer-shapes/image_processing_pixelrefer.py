@@ -39,7 +39,7 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
 )
 from transformers.utils import TensorType
 
-from .region_utils import region_to_mask, validate_frame_index
+from .region_utils import check_dense_tensor, region_to_mask, validate_frame_index
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 RESIZE_BACKENDS = ("numpy", "opencv")
@@ -195,6 +195,7 @@ def to_rgb_array(image, where: str) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
+        check_dense_tensor(image, where)
         array = image.detach().cpu()
         if array.is_floating_point():
             array = array.float()  # numpy has no bfloat16
