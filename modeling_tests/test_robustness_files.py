@@ -339,3 +339,20 @@ def test_pipeline_refuses_too_many_frames_before_converting_them(model_and_proce
     with pytest.raises(ValueError, match="item 0: max_frames=32 would decode more frames than .*max_video_frames=3"):
         pipe([{"video": str(path), "regions": [{0: [1, 1, 5, 5]}], "question": "<region>?"}])
     assert "answer" in pipe({"video": str(path), "regions": [{0: [1, 1, 5, 5]}], "question": "<region>?"}, max_frames=3)
+
+
+@pytest.mark.parametrize(
+    "length, flips",
+    [
+        (289, {128: 8}),  # metadata that is not utf-8: PyAV raised UnicodeDecodeError
+        (593, {}),  # a stream without a decoder: `stream.codec_context` is None
+    ],
+)
+def test_damaged_videos_found_by_hypothesis_give_errors_naming_the_file(tmp_path, mp4_bytes, length, flips):
+    damaged = bytearray(mp4_bytes[:length])
+    for position, value in flips.items():
+        damaged[position] = value
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=f"cannot read video '{path}'"):
+        read_video(path, fps=4, max_frames=8)

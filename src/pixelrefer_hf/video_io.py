@@ -90,12 +90,15 @@ def read_video(
 
     try:
         container = av.open(path)
-    except (av.FFmpegError, OSError) as error:
+    # A damaged header surfaces as an FFmpeg error, or as a UnicodeDecodeError from its metadata strings.
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read video {path!r}: {error}") from error
     with container:
         if not container.streams.video:
             raise ValueError(f"cannot read video {path!r}: the file holds no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise ValueError(f"cannot read video {path!r}: its video stream has no decoder (unknown or damaged codec)")
         width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
         if max_pixels is not None and width * height > max_pixels:
             raise ValueError(
@@ -129,7 +132,7 @@ def read_video(
                 next_time += step * (math.floor((time + tolerance - next_time) / step) + 1)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-        except (av.FFmpegError, OSError) as error:
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot decode video {path!r}: {error}") from error
         finally:
             progress.close()
