@@ -103,3 +103,15 @@ def test_bench_gpu_exits_cleanly_without_cuda(bench, tmp_path, monkeypatch, caps
     assert bench("bench_gpu").main(["--output-dir", str(tmp_path)]) is None
     assert "needs a CUDA device" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fuzz_smoke_run_finds_no_crash_and_no_batch_mismatch(bench, tmp_path):
+    with torch.random.fork_rng(devices=[]):
+        payload = bench("fuzz").main(["--smoke", "--threads", "1", "--output-dir", str(tmp_path)])
+    counts = payload["counts"]
+    assert payload["cases"] == sum(sum(c.values()) for c in counts.values()) >= 300
+    for target in ("processor", "pipeline"):
+        assert counts[target]["answered"] > 0 and counts[target]["clear ValueError"] > 0
+        bugs = {k: v for k, v in counts[target].items() if k not in ("answered", "clear ValueError")}
+        assert not any(bugs.values()), (bugs, payload["failures"][:5])
+    assert (tmp_path / "fuzz.md").read_text().startswith("300 fuzz cases (pixelrefer, seed 0)")

@@ -67,7 +67,7 @@ def parse_region(kind: str, text: str):
             with Image.open(text) as mask:
                 # A one-channel copy: 0/255 masks and 0/1 label images both stay binary.
                 return np.array(mask.convert("L") if mask.mode not in ("1", "L", "P", "I", "F") else mask)
-        except OSError as error:
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
             raise ValueError(f"--mask {text!r}: cannot read the mask image: {error}") from error
     if kind == "rle":
         try:

@@ -120,9 +120,14 @@ class PixelReferDataCollator:
         if not isinstance(row, dict):
             raise ValueError(f"a row must be a dict, got {type(row).__name__}")
         messages = row.get("messages")
-        if not messages:
+        if messages is None or (isinstance(messages, (list, tuple)) and not messages):
             raise ValueError("the conversation is empty")
-        frames = row.get("frames") or []
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"'messages' must be a list of {{role, content}} turns, got {type(messages).__name__}")
+        frames = row.get("frames")
+        frames = [] if frames is None else frames
+        if not isinstance(frames, (list, tuple)):
+            raise ValueError(f"'frames' must be a list of images, got {type(frames).__name__}")
         image = row.get("image")
         if image is not None and frames:
             raise ValueError("the row has both an image and video frames")
@@ -137,6 +142,8 @@ class PixelReferDataCollator:
         num_placeholders, num_tags = 0, 0
         conversation = []
         for k, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"turn {k} must be a dict with a role and a content, got {type(message).__name__}")
             role, content = message.get("role"), message.get("content")
             if role not in ROLES or not isinstance(content, str):
                 raise ValueError(f"turn {k} must have a role system / user / assistant and a string content")
@@ -165,7 +172,12 @@ class PixelReferDataCollator:
             if first_user is None:
                 raise ValueError("the row has media but no user turn to attach it to")
             first_user["content"].insert(0, media)
-        timestamps = [float(t) for t in row.get("timestamps") or []] if frames else None
+        timestamps = None
+        if frames:
+            try:
+                timestamps = [float(t) for t in row.get("timestamps") or []]
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"'timestamps' must be a list of numbers, one per frame: {error}") from error
         return {"conversation": conversation, "regions": regions, "timestamps": timestamps}
 
     def _encode(self, samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -238,8 +238,30 @@ def detect_variant(official_config: Mapping, requested: str = "auto") -> str:
     return found
 
 
+def check_inside_snapshot(folder: Path, path: Path) -> Path:
+    """`path`, after checking that it (symlinks followed) lies inside the snapshot `folder`, or in the `blobs`
+    folder of the Hugging Face cache when `folder` is a cached `snapshots/<revision>` (whose files are links there).
+    A shard named `../../secret` in an index, or a link out of the snapshot, is refused."""
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    target = path.resolve()
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise ConversionError(
+            f"Expected the weight file {path.name!r} to lie inside the snapshot {folder}, found it pointing to "
+            f"{target} (outside the snapshot); refusing to read it."
+        )
+    return path
+
+
 def official_weight_files(folder: Path) -> list[Path]:
-    """The weight files of a snapshot, in shard order. Prefers safetensors; an index names the shards."""
+    """The weight files of a snapshot, in shard order. Prefers safetensors; an index names the shards. Every file
+    must lie inside the snapshot (`check_inside_snapshot`)."""
+    return [check_inside_snapshot(folder, path) for path in _official_weight_files(folder)]
+
+
+def _official_weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = folder / index_name
         if index_path.is_file():
@@ -249,6 +271,8 @@ def official_weight_files(folder: Path) -> list[Path]:
                 raise ConversionError(
                     f"Expected a JSON object with a 'weight_map' in {index_path}, found {type(error).__name__}: {error}."
                 ) from error
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                raise ConversionError(f"Expected a 'weight_map' of tensor names to file names in {index_path}.")
             names = sorted(set(weight_map.values()))
             missing = [name for name in names if not (folder / name).is_file()]
             if missing:

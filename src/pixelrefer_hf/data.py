@@ -268,10 +268,21 @@ def row_regions(row: dict) -> list:
     processor runs."""
     is_video = bool(row.get("frames"))
     regions = []
-    for j, entries in enumerate(row.get("regions") or []):
+    row_regions_value = row.get("regions")
+    if row_regions_value is None:
+        row_regions_value = []
+    if not isinstance(row_regions_value, (list, tuple)):
+        raise ValueError(f"'regions' must be a list (per region a list of {{'frame', 'rle'}} masks), got "
+                         f"{type(row_regions_value).__name__}")
+    for j, entries in enumerate(row_regions_value):
+        if not isinstance(entries, (list, tuple)) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError(f"region {j} must be a list of {{'frame', 'rle'}} dicts, got {type(entries).__name__}")
         if not entries:
             raise ValueError(f"region {j} has no mask")
         for entry in entries:
+            frame = entry.get("frame")
+            if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+                raise ValueError(f"region {j}: a mask's 'frame' must be an integer, got {frame!r}")
             try:
                 rle_decode(entry["rle"])
             except (ValueError, KeyError, TypeError) as error:
@@ -377,6 +388,27 @@ def read_video_frames(
     return frames, [n / video_fps for n in numbers], numbers
 
 
+def _official_frame_key(key, where: str) -> int:
+    """A mask's frame key (`"3"` in JSON, or `3`) as an int."""
+    try:
+        if isinstance(key, (bool, float)):
+            raise ValueError
+        return int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a mask frame key must be an integer, got {key!r}") from None
+
+
+def _official_image_size(path: Path, what: str, where: str) -> tuple[int, int]:
+    """`(width, height)` of an image file, read from its header."""
+    try:
+        with PILImage.open(path) as opened:
+            return opened.size
+    except FileNotFoundError as error:
+        raise ValueError(f"{where}: {what} {path} does not exist") from error
+    except (OSError, SyntaxError, PILImage.DecompressionBombError) as error:
+        raise ValueError(f"{where}: cannot read {what} {path}: {error}") from error
+
+
 def convert_official_sample(
     sample: dict, index: int, media_root: str | Path, video_fps: float = 1.0, max_frames: int = 180
 ) -> dict:
@@ -398,13 +430,24 @@ def convert_official_sample(
     where = f"annotation {index} (id {row_id!r})" if sample.get("id") is not None else f"annotation {index}"
     media_root = Path(media_root)
     messages = official_conversation_to_messages(sample.get("conversations"), where)
-    masks = sample.get("masks") or []
+    masks = sample.get("masks")
+    masks = [] if masks is None else masks
+    if not isinstance(masks, list):
+        raise ValueError(f"{where}: 'masks' must be a list (one mask per <region>), got {type(masks).__name__}")
     num_placeholders = sum(m["content"].count(REGION_PLACEHOLDER) for m in messages)
     if num_placeholders != len(masks):
         raise ValueError(
             f"{where}: the conversation has {num_placeholders} <region> placeholders but {len(masks)} masks"
         )
     height, width = sample.get("height"), sample.get("width")
+    size = []
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # `480.0` in some JSON files
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: '{name}' must be a positive integer, got {value!r}")
+        size.append(value)
+    height, width = size
 
     if sample.get("image") is not None:
         image = sample["image"]
@@ -412,13 +455,11 @@ def convert_official_sample(
             if len(image) != 1:
                 raise ValueError(f"{where}: only single-image samples are supported, got {len(image)} images")
             image = image[0]
+        if not isinstance(image, str):
+            raise ValueError(f"{where}: 'image' must be a path, got {type(image).__name__}")
         image_path = media_root / image
         if masks and (height is None or width is None):
-            try:
-                with PILImage.open(image_path) as opened:
-                    width, height = opened.size
-            except FileNotFoundError as error:
-                raise ValueError(f"{where}: image file {image_path} does not exist") from error
+            width, height = _official_image_size(image_path, "image file", where)
         regions = [
             [{"frame": 0, "rle": official_mask_to_rle(mask, height, width, f"{where}, region {j}")}]
             for j, mask in enumerate(masks)
@@ -432,12 +473,12 @@ def convert_official_sample(
             raise ValueError(f"{where}: masks were given without an image or video")
         return {"id": row_id, "image": None, "frames": [], "timestamps": [], "regions": [], "messages": messages}
     video = [video] if isinstance(video, str) else video
-    if not isinstance(video, list) or not video:
+    if not isinstance(video, list) or not video or not all(isinstance(path, str) for path in video):
         raise ValueError(f"{where}: 'video' must be a path or a list of paths")
     for j, mask in enumerate(masks):
         if not isinstance(mask, dict) or not mask or "counts" in mask:
             raise ValueError(f"{where}, region {j}: a video mask must be a dict {{frame_index: mask}}")
-    annotated = sorted({int(k) for mask in masks for k in mask})
+    annotated = sorted({_official_frame_key(k, f"{where}, region {j}") for j, mask in enumerate(masks) for k in mask})
     if len(video) == 1:
         video_path = media_root / video[0]
         if not video_path.exists():
@@ -451,22 +492,22 @@ def convert_official_sample(
         frames = [str(media_root / f) for f in video]
         timestamps = sample.get("timestamps")
         timestamps = list(range(len(frames))) if timestamps is None else timestamps
+        try:
+            timestamps = [float(t) for t in timestamps]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: 'timestamps' must be a list of numbers, one per frame") from error
         if len(timestamps) != len(frames):
             raise ValueError(f"{where}: {len(timestamps)} timestamps for {len(frames)} frames")
         if annotated and not 0 <= annotated[-1] < len(frames):
             raise ValueError(f"{where}: mask frame {annotated[-1]} is out of range for {len(frames)} frames")
         position = {k: k for k in range(len(frames))}
-        if masks and (height is None or width is None):
-            try:
-                with PILImage.open(frames[annotated[0]]) as opened:
-                    width, height = opened.size
-            except FileNotFoundError as error:
-                raise ValueError(f"{where}: frame file {frames[annotated[0]]} does not exist") from error
+        if masks and (height is None or width is None) and annotated:
+            width, height = _official_image_size(Path(frames[annotated[0]]), "frame file", where)
     if frames and isinstance(frames[0], PILImage.Image):
         height, width = frames[0].height, frames[0].width
     regions = []
     for j, mask in enumerate(masks):
-        entries = sorted(mask.items(), key=lambda item: int(item[0]))
+        entries = sorted(mask.items(), key=lambda item: _official_frame_key(item[0], where))
         regions.append(
             [
                 {"frame": position[int(k)], "rle": official_mask_to_rle(m, height, width, f"{where}, region {j}")}

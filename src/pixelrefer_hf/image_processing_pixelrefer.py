@@ -39,11 +39,18 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
 )
 from transformers.utils import TensorType
 
-from .region_utils import region_to_mask, validate_frame_index
+from .region_utils import check_dense_tensor, region_to_mask, validate_frame_index
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
 RESIZE_BACKENDS = ("numpy", "opencv")
 OBJECT_CROPS = ("scale_adaptive", "frame")
+# Resource bounds of one sample (see `PixelReferImageProcessor`), so that one upload cannot exhaust memory. The pixel
+# bound is the size Pillow itself refuses as a decompression bomb (2 x its default `Image.MAX_IMAGE_PIXELS`).
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+DEFAULT_MAX_REGIONS_PER_SAMPLE = 512
+DEFAULT_MAX_VIDEO_FRAMES = 1024
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+RESOURCE_LIMITS = ("max_image_pixels", "max_regions_per_sample", "max_video_frames", "max_prompt_chars")
 
 
 def _opencv():
@@ -114,9 +121,21 @@ class PixelReferImageProcessorKwargs(VideoLlama3ImageProcessorKwargs, total=Fals
         `[Time t:<REGION>...,Time t:<REGION>...]`. The official PixelRefer takes each region on one frame (prompt
         `[<REGION>...]`) and its released weights never saw the timed form, so by default such a region is refused
         with an error. PixelRefer-Lite always uses the timed form (as released) and ignores this option.
+    max_image_pixels (`int`, *optional*, defaults to 178956970):
+        Largest `H * W` of one image or video frame; a larger one is refused before it is converted.
+    max_regions_per_sample (`int`, *optional*, defaults to 512):
+        Most regions one sample may hold.
+    max_video_frames (`int`, *optional*, defaults to 1024):
+        Most frames one video may hold.
+    max_prompt_chars (`int`, *optional*, defaults to 1000000):
+        Longest text of one sample, in characters before expansion (checked by the processor).
     """
 
     variant: str
+    max_image_pixels: int | None
+    max_regions_per_sample: int | None
+    max_video_frames: int | None
+    max_prompt_chars: int | None
     num_object_tokens: int
     context_pixels: int
     max_object_patches: int
@@ -176,6 +195,7 @@ def to_rgb_array(image, where: str) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
+        check_dense_tensor(image, where)
         array = image.detach().cpu()
         if array.is_floating_point():
             array = array.float()  # numpy has no bfloat16
@@ -431,6 +451,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             `"opencv"` resizes object crops, Lite context images and Lite patch masks with OpenCV, exactly like the
             official code (checkpoints converted by `pixelrefer convert` use it); `"numpy"` emulates OpenCV to within
             one grey level without loading it. PixelRefer patch masks follow the official rule with both.
+        max_image_pixels, max_regions_per_sample, max_video_frames, max_prompt_chars (`int`, *optional*):
+            Resource bounds of one sample (defaults: 178956970 pixels per image or frame, the size Pillow refuses as
+            a decompression bomb; 512 regions; 1024 frames; 1000000 characters of text). Input beyond a bound is
+            refused with a `ValueError` naming the sample before anything large is allocated. `None` lifts a bound.
         **kwargs:
             Every `VideoLlama3ImageProcessorPil` option (`size`, `patch_size`, `merge_size` of still images,
             `image_mean`, `image_std`, `resample`, ...). `image_mean`/`image_std` default to 0.5 (SigLIP).
@@ -469,6 +493,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     resize_backend = "numpy"
     object_crop = "scale_adaptive"
     multi_frame_regions = False
+    max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+    max_regions_per_sample = DEFAULT_MAX_REGIONS_PER_SAMPLE
+    max_video_frames = DEFAULT_MAX_VIDEO_FRAMES
+    max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS
 
     def __init__(
         self,
@@ -486,6 +514,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         resize_backend: str = "numpy",
         object_crop: str = "scale_adaptive",
         multi_frame_regions: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_regions_per_sample: int | None = DEFAULT_MAX_REGIONS_PER_SAMPLE,
+        max_video_frames: int | None = DEFAULT_MAX_VIDEO_FRAMES,
+        max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
         **kwargs,
     ):
         if variant not in VARIANTS:
@@ -494,6 +526,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
         if object_crop not in OBJECT_CROPS:
             raise ValueError(f"object_crop must be one of {OBJECT_CROPS}, got {object_crop!r}")
+        limits = dict(zip(RESOURCE_LIMITS, (max_image_pixels, max_regions_per_sample, max_video_frames, max_prompt_chars)))
+        for name, value in limits.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if resize_backend == "opencv":
             _opencv()  # fail at construction, not at the first crop
         is_lite = variant == "pixelrefer-lite"
@@ -520,6 +556,7 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             resize_backend=resize_backend,
             object_crop=object_crop,
             multi_frame_regions=multi_frame_regions,
+            **limits,
             **kwargs,
         )
 
@@ -563,6 +600,13 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"{where}: give either images or a video, not both")
 
         if frames_in is not None:
+            if self.max_video_frames is not None and len(frames_in) > self.max_video_frames:
+                raise ValueError(
+                    f"{where}: the video has {len(frames_in)} frames, more than max_video_frames="
+                    f"{self.max_video_frames} (an image processor option); sample fewer frames"
+                )
+            for t, frame in enumerate(frames_in):
+                self.check_image_pixels(frame, f"{where}, frame {t}")
             frames = [to_rgb_array(frame, f"{where}, frame {t}") for t, frame in enumerate(frames_in)]
             for t, frame in enumerate(frames[1:], start=1):
                 if frame.shape != frames[0].shape:
@@ -572,8 +616,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
                     )
             timestamps = self._video_timestamps(video_timestamps, len(frames), where)
         else:
+            for k, image in enumerate(image_list):
+                self.check_image_pixels(image, f"{where}, image {k}")
             frames = [to_rgb_array(image, f"{where}, image {k}") for k, image in enumerate(image_list)]
-            if video_timestamps is not None and len(video_timestamps) > 0:
+            if video_timestamps is not None and not (hasattr(video_timestamps, "__len__") and len(video_timestamps) == 0):
                 raise ValueError(f"{where}: video_timestamps were given but the sample has no video")
             timestamps = []
 
@@ -583,12 +629,38 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"{where}: regions must be a list of regions, got {type(regions).__name__}")
         if regions and not frames:
             raise ValueError(f"{where}: {len(regions)} region(s) were given but the sample has no image or video")
+        if self.max_regions_per_sample is not None and len(regions) > self.max_regions_per_sample:
+            raise ValueError(
+                f"{where}: {len(regions)} regions, more than max_regions_per_sample={self.max_regions_per_sample} "
+                "(an image processor option)"
+            )
 
         if frames_in is not None:
             parsed = [self._video_region(region, frames, f"{where}, region {j}") for j, region in enumerate(regions)]
         else:
             parsed = [self._image_region(region, frames, index, j) for j, region in enumerate(regions)]
         return PixelReferSample(frames=frames, is_video=frames_in is not None, timestamps=timestamps, regions=parsed)
+
+    def check_image_pixels(self, image, where: str) -> None:
+        """Refuse an image or frame larger than `max_image_pixels` before it is converted (PIL images are measured
+        without decoding them)."""
+        if self.max_image_pixels is None:
+            return
+        if isinstance(image, Image.Image):
+            height, width = image.height, image.width
+        elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3):
+            shape = tuple(image.shape)
+            channels_first = len(shape) == 3 and shape[-1] not in (1, 3, 4) and shape[0] in (1, 3, 4)
+            height, width = shape[1:3] if channels_first else shape[:2]
+            if isinstance(image, torch.Tensor) and len(shape) == 3 and shape[0] in (1, 3, 4):
+                height, width = shape[1:3]
+        else:
+            return  # to_rgb_array names what is wrong with it
+        if height * width > self.max_image_pixels:
+            raise ValueError(
+                f"{where}: the image is {height}x{width} = {height * width} pixels, more than max_image_pixels="
+                f"{self.max_image_pixels} (an image processor option)"
+            )
 
     @staticmethod
     def _video_frames(video, where: str) -> list | None:

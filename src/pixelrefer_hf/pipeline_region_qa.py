@@ -12,8 +12,10 @@ answered in real batches of `batch_size` (one left-padded `generate` call per ba
 `propagate_regions=True` a SAM2 video checkpoint named by `sam2_model=` carries each region to every frame.
 """
 
+import math
 import numbers
 import os
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
@@ -51,17 +53,36 @@ def _is_box(region) -> bool:
     )
 
 
-def _load_image(image, where: str) -> np.ndarray:
-    """A PIL image, array, tensor or local file path -> `(H, W, 3)` RGB uint8."""
+def _load_image(image, where: str, max_pixels: int | None = None) -> np.ndarray:
+    """A PIL image, array, tensor or local file path -> `(H, W, 3)` RGB uint8. A file larger than `max_pixels` (or
+    than Pillow's decompression-bomb limit) is refused from its header, before its pixels are decoded."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         try:
             with Image.open(path) as opened:
+                if max_pixels is not None and opened.width * opened.height > max_pixels:
+                    raise ValueError(
+                        f"{where}: image {path!r} is {opened.height}x{opened.width} = {opened.width * opened.height} "
+                        f"pixels, more than max_image_pixels={max_pixels} (an image processor option)"
+                    )
                 # Apply the EXIF orientation: region coordinates refer to the picture as viewers display it.
                 image = ImageOps.exif_transpose(opened).convert("RGB")
-        except (OSError, ValueError) as error:
+        except (OSError, Image.DecompressionBombError, SyntaxError) as error:
+            # SyntaxError: how some Pillow plugins report a malformed header.
+            raise ValueError(f"{where}: cannot read image {path!r}: {error}") from error
+        except ValueError as error:
+            if str(error).startswith(where):
+                raise
             raise ValueError(f"{where}: cannot read image {path!r}: {error}") from error
     return to_rgb_array(image, where)
+
+
+def _item_error(where: str, error: ValueError) -> str:
+    """A processor error about the one-sample batch of item `where`, reworded to name the item."""
+    message = str(error)
+    if not where:
+        return message
+    return f"{where}: " + re.sub(r"^sample 0(: |, )", "", message)
 
 
 class RegionQAPipeline(Pipeline):
@@ -238,10 +259,43 @@ class RegionQAPipeline(Pipeline):
                     if not skip_bad_items:
                         raise
                     prepared.append({"error": str(error)})
+            for (index, _), item in zip(batch, prepared):
+                item.setdefault("where", f"item {index}" if indexed else "")
+            inputs = self._encode_batch(prepared, skip_bad_items)
             good = [item for item in prepared if "error" not in item]
-            outputs = iter(self.forward(good, **forward_params)) if good else iter(())
+            outputs = iter(self.forward(inputs, **forward_params)) if good else iter(())
             for item in prepared:
-                yield item if "error" in item else self.postprocess(next(outputs), **postprocess_params)
+                if "error" in item:
+                    yield {"error": item["error"]}
+                else:
+                    yield self.postprocess(next(outputs), **postprocess_params)
+
+    def _encode_batch(self, prepared: list[dict], skip_bad_items: bool):
+        """The processor's inputs for the good items of `prepared`, in one left-padded batch, or `None` if none.
+
+        A processor error (e.g. an image whose aspect ratio the vision tower cannot take) concerns one item: the
+        items are then encoded one by one to find it, its error names it, and with `skip_bad_items` it is marked
+        and the others are batched without it (their answers are those of single calls, as left padding gives)."""
+        good = [item for item in prepared if "error" not in item]
+        if not good:
+            return None
+        try:
+            return self._encode(good)
+        except ValueError:
+            found = False
+            for item in good:
+                try:
+                    self._encode([item])
+                except ValueError as error:
+                    found = True
+                    message = _item_error(item["where"], error)
+                    if not skip_bad_items:
+                        raise ValueError(message) from error
+                    item["error"] = message
+            if not found:
+                raise
+        good = [item for item in prepared if "error" not in item]
+        return self._encode(good) if good else None
 
     # ------------------------------------------------------------------------------------------------------------
     # Steps
@@ -268,6 +322,10 @@ class RegionQAPipeline(Pipeline):
         question, regions = item.get("question"), item.get("regions", [])
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"{prefix}'question' must be a non-empty string")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{prefix}the question is not valid unicode ({error.reason})") from error
         for token in _RESERVED_TOKENS:
             if token in question:
                 raise ValueError(f"{prefix}the question must not contain {token}; write <region> for each region")
@@ -281,6 +339,7 @@ class RegionQAPipeline(Pipeline):
             )
         if ("image" in item) == ("video" in item):
             raise ValueError(f"{prefix}give exactly one of 'image' and 'video'")
+        max_pixels = getattr(self.processor.image_processor, "max_image_pixels", None)
 
         def region_mask(region, frame: np.ndarray, region_where: str) -> np.ndarray:
             return self._region_mask(region, frame, region_where, sam_model, box_to_mask)
@@ -288,11 +347,19 @@ class RegionQAPipeline(Pipeline):
         if "image" in item:
             if item.get("video_timestamps") is not None:
                 raise ValueError(f"{prefix}'video_timestamps' were given for an image")
-            image = _load_image(item["image"], f"{prefix}image")
+            image = _load_image(item["image"], f"{prefix}image", max_pixels)
             masks = [region_mask(region, image, f"{prefix}region {j}") for j, region in enumerate(regions)]
             content_type, images, video, timestamps = "image", [image], None, None
         else:
-            frames, timestamps = self._load_video(item["video"], item.get("video_timestamps"), prefix, fps, max_frames)
+            frames, timestamps = self._load_video(
+                item["video"],
+                item.get("video_timestamps"),
+                prefix,
+                fps,
+                max_frames,
+                max_pixels,
+                getattr(self.processor.image_processor, "max_video_frames", None),
+            )
             masks = []
             for j, region in enumerate(regions):
                 region_where = f"{prefix}region {j}"
@@ -370,13 +437,26 @@ class RegionQAPipeline(Pipeline):
 
     @staticmethod
     def _load_video(
-        video, timestamps, prefix: str, fps: float, max_frames: int | None
+        video,
+        timestamps,
+        prefix: str,
+        fps: float,
+        max_frames: int | None,
+        max_pixels: int | None = None,
+        max_video_frames: int | None = None,
     ) -> tuple[list[np.ndarray], list[float] | None]:
+        """Frames (and timestamps) of a video item, refusing more than `max_video_frames` frames before they are
+        converted or decoded."""
         if isinstance(video, (str, os.PathLike)):
             if timestamps is not None:
                 raise ValueError(f"{prefix}'video_timestamps' cannot be given with a video file (it has its own)")
+            if max_video_frames is not None and (max_frames is None or max_frames > max_video_frames):
+                raise ValueError(
+                    f"{prefix}max_frames={max_frames} would decode more frames than the image processor's "
+                    f"max_video_frames={max_video_frames}; pass max_frames <= {max_video_frames}"
+                )
             try:
-                decoded = read_video(video, fps=fps, max_frames=max_frames)
+                decoded = read_video(video, fps=fps, max_frames=max_frames, max_pixels=max_pixels)
             except ValueError as error:
                 raise ValueError(f"{prefix}{error}") from error
             return decoded.frames, decoded.timestamps
@@ -388,11 +468,27 @@ class RegionQAPipeline(Pipeline):
             raise ValueError(f"{prefix}'video' must be a list of frames, a 4-D array or a video file path")
         if not video:
             raise ValueError(f"{prefix}the video has no frames")
-        frames = [_load_image(frame, f"{prefix}frame {t}") for t, frame in enumerate(video)]
-        return frames, None if timestamps is None else list(timestamps)
+        if max_video_frames is not None and len(video) > max_video_frames:
+            raise ValueError(
+                f"{prefix}the video has {len(video)} frames, more than max_video_frames={max_video_frames} (an image "
+                "processor option); sample fewer frames"
+            )
+        frames = [_load_image(frame, f"{prefix}frame {t}", max_pixels) for t, frame in enumerate(video)]
+        if timestamps is None:
+            return frames, None
+        try:
+            seconds = [float(t) for t in timestamps]
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ValueError(f"{prefix}'video_timestamps' must be a list of numbers, one per frame") from error
+        if len(seconds) != len(frames) or not all(math.isfinite(t) for t in seconds):
+            raise ValueError(
+                f"{prefix}'video_timestamps' must hold one finite number per frame ({len(frames)} frames, got "
+                f"{len(seconds)} values)"
+            )
+        return frames, seconds
 
-    def _forward(self, items: list[dict], generate_kwargs: dict | None = None) -> list[torch.Tensor]:
-        """Answer a batch of prepared items with one `generate` call; returns each item's new tokens."""
+    def _encode(self, items: list[dict]):
+        """Processor inputs (on the CPU) of a batch of prepared items."""
         has_images = any(item["images"] is not None for item in items)
         has_videos = any(item["video"] is not None for item in items)
         has_timestamps = any(item["video_timestamps"] is not None for item in items)
@@ -407,7 +503,13 @@ class RegionQAPipeline(Pipeline):
             padding=True,
             padding_side="left",
             return_tensors="pt",
-        ).to(self.device)
+        )
+        return dict(inputs)
+
+    def _forward(self, inputs: dict, generate_kwargs: dict | None = None) -> list[torch.Tensor]:
+        """Answer one batch (the processor's inputs, see `_encode`) with one `generate` call; returns each item's new
+        tokens."""
+        inputs = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
         for key in inputs:
             # Only images follow the model dtype; boxes and masks keep float32 (bf16 rounds pixel coordinates).
             if key.endswith("pixel_values"):

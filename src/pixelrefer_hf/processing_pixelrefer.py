@@ -226,6 +226,18 @@ class PixelReferProcessor(ProcessorMixin):
         """Validate one sample (text and visual inputs) and normalise its visual inputs; every error names it."""
         where = f"sample {index}"
         if text is not None:
+            max_chars = getattr(self.image_processor, "max_prompt_chars", None)
+            if max_chars is not None and len(text) > max_chars:
+                raise ValueError(
+                    f"{where}: the text has {len(text)} characters, more than max_prompt_chars={max_chars} "
+                    "(an image processor option)"
+                )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"{where}: the text is not valid unicode ({error.reason} at character {error.start})"
+                ) from error
             if self.region_token in text:
                 raise ValueError(
                     f"{where}: the text already holds {self.region_token} tokens; write one "

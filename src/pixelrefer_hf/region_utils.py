@@ -165,7 +165,10 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
     for index, polygon in enumerate(polygons):
-        coords = np.asarray(polygon, dtype=np.float64) if _is_number_list(polygon) else None
+        try:
+            coords = np.asarray(polygon, dtype=np.float64) if _is_number_list(polygon) else None
+        except OverflowError:  # an integer beyond float64
+            coords = None
         if coords is None or coords.size < 6 or coords.size % 2 or not np.isfinite(coords).all():
             raise ValueError(
                 f"polygon {index} must be a flat list of at least 3 finite (x, y) pairs [x0, y0, x1, y1, ...]"
@@ -174,9 +177,17 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
+def check_dense_tensor(tensor: torch.Tensor, where: str) -> None:
+    """Refuse a tensor that holds no readable data (meta device) or is not dense (sparse layouts)."""
+    if tensor.is_meta or tensor.layout != torch.strided:
+        kind = "a meta tensor (it holds no data)" if tensor.is_meta else f"a {tensor.layout} tensor"
+        raise ValueError(f"{where}: got {kind}; pass a dense tensor with data (e.g. `.to_dense()`)")
+
+
 def _to_array(region, where: str) -> np.ndarray:
     """Bring a numpy / torch / PIL mask to a numpy array without changing its values."""
     if isinstance(region, torch.Tensor):
+        check_dense_tensor(region, where)
         tensor = region.detach().cpu()
         if tensor.is_floating_point():
             tensor = tensor.float()  # numpy has no bfloat16
@@ -240,7 +251,10 @@ def _mask_from_array(array: np.ndarray, image_size: tuple[int, int], where: str)
 def _mask_from_box(box, image_size: tuple[int, int], where: str) -> np.ndarray:
     if len(box) != 4:
         raise ValueError(f"{where}: a box must have exactly 4 numbers [x0, y0, x1, y1], got {len(box)}")
-    x0, y0, x1, y1 = (float(v) for v in box)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except OverflowError as error:  # an integer beyond float64
+        raise ValueError(f"{where}: box {list(box)!r} holds a number too large for a pixel coordinate") from error
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise ValueError(f"{where}: box {[x0, y0, x1, y1]} contains a non-finite number")
     if x1 <= x0 or y1 <= y0:
@@ -257,6 +271,14 @@ def _mask_from_box(box, image_size: tuple[int, int], where: str) -> np.ndarray:
 
 def _mask_from_dict(region: dict, image_size: tuple[int, int], where: str) -> np.ndarray:
     if "counts" in region or "size" in region:
+        # The size is checked against the image before decoding: a hostile `size` would otherwise allocate `h * w`
+        # bytes (a decompression bomb in one dict).
+        try:
+            size = _check_rle_size(region["size"]) if "size" in region and "counts" in region else None
+        except ValueError as error:
+            raise ValueError(f"{where}: invalid COCO RLE: {error}") from error
+        if size is not None:
+            _check_size(size, image_size, "RLE mask", where)
         try:
             mask = rle_decode(region)
         except ValueError as error:

@@ -55,6 +55,7 @@ def read_video(
     fps: float = 1.0,
     max_frames: int | None = 32,
     show_progress: bool = False,
+    max_pixels: int | None = None,
 ) -> DecodedVideo:
     """Decode `path` and keep about `fps` frames per second, at most `max_frames` of them.
 
@@ -67,6 +68,8 @@ def read_video(
             still span the whole video; otherwise decoding stops after `max_frames` frames. `None` keeps every frame
             of the grid.
         show_progress (`bool`, *optional*, defaults to `False`): show a progress bar over the decoded frames.
+        max_pixels (`int`, *optional*): refuse a stream whose frames have more than this many pixels, from its header
+            and before any frame is decoded (the image processor's `max_image_pixels`).
 
     Returns:
         [`DecodedVideo`] with the frames, their timestamps in seconds and the stream's frame rate.
@@ -87,12 +90,21 @@ def read_video(
 
     try:
         container = av.open(path)
-    except (av.FFmpegError, OSError) as error:
+    # A damaged header surfaces as an FFmpeg error, or as a UnicodeDecodeError from its metadata strings.
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read video {path!r}: {error}") from error
     with container:
         if not container.streams.video:
             raise ValueError(f"cannot read video {path!r}: the file holds no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise ValueError(f"cannot read video {path!r}: its video stream has no decoder (unknown or damaged codec)")
+        width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(
+                f"cannot read video {path!r}: its frames are {height}x{width} = {width * height} pixels, more than "
+                f"max_image_pixels={max_pixels} (an image processor option)"
+            )
         source_fps = float(stream.average_rate) if stream.average_rate else None
         duration = _stream_duration(container, stream)
         step = 1.0 / fps
@@ -120,7 +132,7 @@ def read_video(
                 next_time += step * (math.floor((time + tolerance - next_time) / step) + 1)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-        except (av.FFmpegError, OSError) as error:
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot decode video {path!r}: {error}") from error
         finally:
             progress.close()
