@@ -1,23 +1,34 @@
 """Static audit of the modules that travel as remote code (`trust_remote_code=True` runs them on users' machines).
 
-Every `.py` file saved next to the bundled demo weights, plus the package modules of the same names, is parsed with
+Every `.py` file that `save_pretrained` writes next to a model and its processor, as saved, is parsed with
 `ast` and must not reach the network, start processes, evaluate strings, unpickle, or call `torch.load` without
 `weights_only=True`. Transformers' own `from_pretrained` (SAM checkpoints named by the user) is the one way to load
 files and is allowed: it reads safetensors and refuses unsafe pickles itself.
 """
 
 import ast
+import tempfile
 from pathlib import Path
 
 import pytest
 
-import pixelrefer_hf
-from pixelrefer_hf.demo import DEMO_CHECKPOINTS, demo_checkpoint
+from pixelrefer_hf.testing import tiny_model_and_processor
 
-PACKAGE = Path(pixelrefer_hf.__file__).parent
-REMOTE_CODE_NAMES = sorted(
-    {path.name for variant in DEMO_CHECKPOINTS for path in Path(demo_checkpoint(variant)).glob("*.py")}
-)
+
+def _saved_remote_code() -> dict[str, str]:
+    """What travels: the modules `save_pretrained` writes for a model and its processor (both variants)."""
+    sources = {}
+    for variant in ("pixelrefer", "pixelrefer-lite"):
+        model, processor = tiny_model_and_processor(variant)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            sources |= {path.name: path.read_text(encoding="utf-8") for path in Path(folder).glob("*.py")}
+    return sources
+
+
+REMOTE_CODE = _saved_remote_code()
+REMOTE_CODE_NAMES = sorted(REMOTE_CODE)
 
 # Top-level modules whose import alone means network, processes or code loading.
 FORBIDDEN_MODULES = {
@@ -103,11 +114,7 @@ def test_remote_code_names_are_the_expected_modules():
 
 @pytest.mark.parametrize("name", REMOTE_CODE_NAMES)
 def test_remote_code_module_has_no_network_process_eval_or_unsafe_loading(name):
-    sources = [PACKAGE / name] + [Path(demo_checkpoint(variant)) / name for variant in DEMO_CHECKPOINTS]
-    problems = []
-    for path in sources:
-        if path.is_file():
-            problems += audit_source(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE)))
+    problems = audit_source(REMOTE_CODE[name], name)
     assert not problems, "\n".join(problems)
 
 
