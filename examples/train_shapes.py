@@ -48,6 +48,7 @@ from pixelrefer_hf.demo import (
 )
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
 from pixelrefer_hf.synthetic import COLORS, SHAPES, draw_image_scene, shapes_region_chat_dataset
+from pixelrefer_hf.training_utils import end_training
 
 
 @dataclass
@@ -246,8 +247,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     Path(training_args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(training_args.output_dir, "README.md").write_text(demo_model_card(summary))
     print(json.dumps(summary, indent=2))
-    trainer.accelerator.wait_for_everyone()  # as in finetune_lora.py: no process tears down while another saves
-    trainer.accelerator.end_training()
+    end_training(trainer.accelerator)  # as in finetune_lora.py
 
 
 def default_training_arguments() -> dict:

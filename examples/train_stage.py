@@ -34,6 +34,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from pixelrefer_hf.collator import PixelReferDataCollator
 from pixelrefer_hf.data import load_official_annotations, synthetic_region_chat_dataset
 from pixelrefer_hf.testing import tiny_model_and_processor
+from pixelrefer_hf.training_utils import end_training
 
 # Learning rate of the object tokenizer (+ OCI) per stage; everything else uses `--learning_rate` (1e-5).
 OBJECT_LEARNING_RATES = {1: 1e-3, 2: 1e-5}
@@ -128,11 +129,7 @@ def main(stage_args: StageArguments, training_args: SFTConfig) -> None:
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    # Tear the process group down explicitly (left to interpreter exit, gloo's threads can abort a multi-process run),
-    # and only once every process is there: `save_model` writes on the main process alone, and a process that starts
-    # the teardown while the main one is still saving hung a 2-process CI run.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    end_training(trainer.accelerator)  # barrier, then the process group goes down while nothing can deadlock on it
 
 
 def default_training_arguments() -> dict:

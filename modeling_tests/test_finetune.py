@@ -5,12 +5,12 @@ import importlib.util
 import logging as std_logging
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import run_process_tree
 from peft import PeftModel
 from synthetic_inputs import box_mask
 from synthetic_inputs import random_pil_image as random_image
@@ -344,9 +344,64 @@ def test_two_process_accelerate_launch_runs_the_lora_script(tmp_path):
         "--num_synthetic_samples", "8", "--disable_tqdm", "true", "--variant", "pixelrefer-lite",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    # 15-50 s on 2 shared cores; a rank stuck at exit fails the test, and is killed with every other process of the run.
+    result, leftover = run_process_tree(command, env, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert not leftover, f"processes alive after `accelerate launch` returned:\n{leftover}"
     # 8 rows, 2 per process and step: two steps are one full epoch only when both processes take part.
     summary = [line for line in result.stdout.splitlines() if "train_runtime" in line]
     assert summary and "'epoch': '1'" in summary[-1], result.stdout[-2000:]
     assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+END_TRAINING_SCRIPT = """
+import gc, os, time
+import torch
+import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (first, as with transformers: imported later, it keeps handles on the group)
+from torch.nn.parallel import DistributedDataParallel
+from pixelrefer_hf.training_utils import end_training
+
+class AcceleratorWithoutBarrier:  # `end_training` calls these two; no barrier, so rank 1's all_gather is in flight
+    def wait_for_everyone(self):
+        pass
+
+    def end_training(self):
+        dist.destroy_process_group()
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]
+    return sum(name.startswith("pt_gloo") for name in names)
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+model = DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.randn(2, 4)).sum().backward()
+if rank == 0:
+    time.sleep(3)  # rank 1 is in end_training by now
+    dist.all_gather([torch.empty(100) for _ in range(2)], torch.ones(100))
+else:  # the work handle is dropped: once gloo is done, its worker frees the tensors, which takes the GIL
+    dist.all_gather([torch.empty(100) for _ in range(2)], torch.ones(100), async_op=True)
+before = gloo_threads()
+end_training(AcceleratorWithoutBarrier())
+after = gloo_threads()
+del model  # as when a script's `main` returns
+gc.collect()
+print(f"rank {rank} gloo threads: {before} -> {after}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts gloo's threads in Linux's /proc")
+def test_end_training_destroys_the_gloo_group_without_deadlocking_on_its_threads(tmp_path):
+    """The examples' `end_training` on two gloo processes, while rank 1's gloo worker has yet to free an all_gather's
+    tensors (which takes the GIL). The group must be gone when it returns: after accelerate's `end_training()`, DDP's
+    Reducer destroys it when the model is freed, with the GIL held, and rank 1 deadlocks here every time."""
+    script = tmp_path / "end_training.py"
+    script.write_text(END_TRAINING_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result, leftover = run_process_tree(command, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)  # 12 s normally
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not leftover, f"processes alive after the launcher returned:\n{leftover}"
+    threads = dict(re.findall(r"rank (\d) gloo threads: (\d+ -> \d+)", result.stdout))
+    assert threads.keys() == {"0", "1"}, result.stdout[-2000:]
+    assert all(count.endswith("-> 0") and not count.startswith("0 ") for count in threads.values()), threads
