@@ -75,8 +75,9 @@ class QwenTextCounter:
         return count
 
 
-def make_inputs(processor, setting: str, variant: str, image_hw: tuple[int, int], frame_hw: tuple[int, int],
-                num_frames: int):
+def make_inputs(
+    processor, setting: str, variant: str, image_hw: tuple[int, int], frame_hw: tuple[int, int], num_frames: int
+):
     """Processor output for one synthetic sample with one object (a centred box mask covering 1/9 of the frame).
 
     Video: the object is annotated on the first frame only, as in the HC-STVG evaluation of PixelRefer; the same
@@ -160,15 +161,21 @@ def tower_flops(vision_model: torch.nn.Module, inputs) -> int:
     grid, merge = torch.cat(grids), torch.cat(merges)
     lengths = grid.prod(-1)
     num_patches = int(lengths.sum())
-    pixel_values = torch.empty(num_patches, vision_model.config.num_channels * vision_model.config.patch_size**2,
-                               device="meta")
+    pixel_values = torch.empty(
+        num_patches, vision_model.config.num_channels * vision_model.config.patch_size**2, device="meta"
+    )
     # Rotary positions and segment boundaries are precomputed (values only, no FLOPs) because the tower derives them
     # with .tolist(), which meta tensors do not support; the boundaries stay on the CPU for the same reason.
     position_ids = torch.empty(num_patches, 2, dtype=torch.long, device="meta")
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        vision_model(pixel_values=pixel_values, grid_thw=grid, merge_sizes=merge, position_ids=position_ids,
-                     cu_seqlens=cu_seqlens)
+        vision_model(
+            pixel_values=pixel_values,
+            grid_thw=grid,
+            merge_sizes=merge,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+        )
     return counter.get_total_flops()
 
 
@@ -191,12 +198,18 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="2b,7b", help="comma-separated model sizes (2b, 7b)")
-    parser.add_argument("--image-size", default="448x616", help="HxW of the image setting; 448x616 gives 32x44 = "
-                        "1408 visual tokens, the paper's DLC-Bench L_Z")
+    parser.add_argument(
+        "--image-size",
+        default="448x616",
+        help="HxW of the image setting; 448x616 gives 32x44 = 1408 visual tokens, the paper's DLC-Bench L_Z",
+    )
     parser.add_argument("--frame-size", default="720x1280", help="HxW of the video frames (clamped by the budget)")
     parser.add_argument("--frames", type=int, default=20, help="frames of the video setting (HC-STVG: 20)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="2B only, 2 layers, small image and video: checks that the script runs (CI)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2B only, 2 layers, small image and video: checks that the script runs (CI)",
+    )
     add_run_arguments(parser)
     args = parse_run_arguments(parser, argv)
     if args.smoke:
@@ -228,32 +241,48 @@ def main(argv: list[str] | None = None) -> dict:
                 length = counts["visual_tokens"] + counts["object_tokens"] + counts["text_tokens"]
                 media_length = counts["visual_tokens"] + counts["object_tokens"]
                 hidden = config.text_config.hidden_size
-                results.append({
-                    "size": size,
-                    "variant": variant,
-                    "setting": setting,
-                    **counts,
-                    "llm_tokens": length,
-                    "llm_flops": llm_flops(model.model.language_model, hidden, length),
-                    "llm_flops_media_only": llm_flops(model.model.language_model, hidden, media_length)["total"],
-                    "fastv_macs_media_only": fastv_macs(config.text_config, media_length),
-                    "kv_cache_mib_bf16": kv_cache_mib(config.text_config, length),
-                    "tower_flops": tower_flops(model.model.vision_model, inputs),
-                    "tower_patches": sum(int(inputs[key][:, 1:].prod(-1).sum()) for key in GRID_KEYS if key in inputs),
-                    "parameters": params,
-                    "parameter_gib_bf16": params["total"] * 2 / 2**30,
-                })
+                results.append(
+                    {
+                        "size": size,
+                        "variant": variant,
+                        "setting": setting,
+                        **counts,
+                        "llm_tokens": length,
+                        "llm_flops": llm_flops(model.model.language_model, hidden, length),
+                        "llm_flops_media_only": llm_flops(model.model.language_model, hidden, media_length)["total"],
+                        "fastv_macs_media_only": fastv_macs(config.text_config, media_length),
+                        "kv_cache_mib_bf16": kv_cache_mib(config.text_config, length),
+                        "tower_flops": tower_flops(model.model.vision_model, inputs),
+                        "tower_patches": sum(
+                            int(inputs[key][:, 1:].prod(-1).sum()) for key in GRID_KEYS if key in inputs
+                        ),
+                        "parameters": params,
+                        "parameter_gib_bf16": params["total"] * 2 / 2**30,
+                    }
+                )
 
     rows, ratios = [], []
     by_key = {(r["size"], r["variant"], r["setting"]): r for r in results}
     for r in results:
         paper = PAPER.get((r["size"], r["setting"]))
-        rows.append([
-            r["size"].upper(), r["variant"], r["setting"], r["visual_tokens"], r["object_tokens"], r["text_tokens"],
-            r["llm_flops"]["attention"] / 1e12, r["llm_flops"]["mlp"] / 1e12, r["llm_flops"]["total"] / 1e12,
-            r["fastv_macs_media_only"] / 1e12, (paper[r["variant"] == "pixelrefer-lite"] if paper else "-"),
-            r["tower_flops"] / 1e12, r["kv_cache_mib_bf16"], r["parameter_gib_bf16"],
-        ])
+        rows.append(
+            [
+                r["size"].upper(),
+                r["variant"],
+                r["setting"],
+                r["visual_tokens"],
+                r["object_tokens"],
+                r["text_tokens"],
+                r["llm_flops"]["attention"] / 1e12,
+                r["llm_flops"]["mlp"] / 1e12,
+                r["llm_flops"]["total"] / 1e12,
+                r["fastv_macs_media_only"] / 1e12,
+                (paper[r["variant"] == "pixelrefer-lite"] if paper else "-"),
+                r["tower_flops"] / 1e12,
+                r["kv_cache_mib_bf16"],
+                r["parameter_gib_bf16"],
+            ]
+        )
     for size in sizes:
         for setting in ("image", "video"):
             full, lite = by_key[(size, "pixelrefer", setting)], by_key[(size, "pixelrefer-lite", setting)]
@@ -261,40 +290,72 @@ def main(argv: list[str] | None = None) -> dict:
             ratio_media = lite["llm_flops_media_only"] / full["llm_flops_media_only"]
             paper = PAPER.get((size, setting))
             target = TARGETS.get((size, setting))
-            ratios.append({
-                "size": size, "setting": setting, "lite_over_full": ratio, "lite_over_full_media_only": ratio_media,
-                "paper": paper[1] / paper[0] if paper else None, "target": target,
-                "meets_target": None if target is None else ratio <= target,
-                "meets_target_media_only": None if target is None else ratio_media <= target,
-            })
-    headers = ["size", "variant", "setting", "visual tok", "object tok", "text tok", "LLM attn TFLOPs",
-               "LLM MLP TFLOPs", "LLM TFLOPs", "FastV TMACs (visual+object)", "paper TFLOPs", "tower TFLOPs",
-               "KV cache MiB (bf16)", "params GiB (bf16)"]
+            ratios.append(
+                {
+                    "size": size,
+                    "setting": setting,
+                    "lite_over_full": ratio,
+                    "lite_over_full_media_only": ratio_media,
+                    "paper": paper[1] / paper[0] if paper else None,
+                    "target": target,
+                    "meets_target": None if target is None else ratio <= target,
+                    "meets_target_media_only": None if target is None else ratio_media <= target,
+                }
+            )
+    headers = [
+        "size",
+        "variant",
+        "setting",
+        "visual tok",
+        "object tok",
+        "text tok",
+        "LLM attn TFLOPs",
+        "LLM MLP TFLOPs",
+        "LLM TFLOPs",
+        "FastV TMACs (visual+object)",
+        "paper TFLOPs",
+        "tower TFLOPs",
+        "KV cache MiB (bf16)",
+        "params GiB (bf16)",
+    ]
     table = markdown_table_with_ratios(headers, rows, ratios, image_hw, frame_hw, args.frames)
-    payload = {"settings": {"image_hw": image_hw, "frame_hw": frame_hw, "frames": args.frames, "smoke": args.smoke},
-               "results": results, "ratios": ratios}
+    payload = {
+        "settings": {"image_hw": image_hw, "frame_hw": frame_hw, "frames": args.frames, "smoke": args.smoke},
+        "results": results,
+        "ratios": ratios,
+    }
     write_results("flops", payload, table, args.output_dir)
     return payload
 
 
 def markdown_table_with_ratios(headers, rows, ratios, image_hw, frame_hw, frames) -> str:
     """The per-model table, then the Lite / full ratios against the paper and the targets."""
+
     def percent(value) -> str:
         return "-" if value is None else f"{100 * value:.2f}%"
 
     ratio_rows = [
-        [r["size"].upper(), r["setting"], percent(r["lite_over_full"]), percent(r["lite_over_full_media_only"]),
-         percent(r["paper"]), "-" if r["target"] is None else f"<= {percent(r['target'])}"]
+        [
+            r["size"].upper(),
+            r["setting"],
+            percent(r["lite_over_full"]),
+            percent(r["lite_over_full_media_only"]),
+            percent(r["paper"]),
+            "-" if r["target"] is None else f"<= {percent(r['target'])}",
+        ]
         for r in ratios
     ]
-    return "\n\n".join([
-        f"Image {image_hw[0]}x{image_hw[1]} px; video {frames} frames of {frame_hw[0]}x{frame_hw[1]} px, object on "
-        "frame 0. LLM = prefill of the decoder layers (torch FLOPs, 2 per multiply-add).",
-        markdown_table(headers, rows),
-        "Lite / full LLM FLOPs (with the prompt text; visual + object tokens only, the paper's convention):",
-        markdown_table(["size", "setting", "Lite/full", "Lite/full (visual+object only)", "paper", "target"],
-                       ratio_rows),
-    ])
+    return "\n\n".join(
+        [
+            f"Image {image_hw[0]}x{image_hw[1]} px; video {frames} frames of {frame_hw[0]}x{frame_hw[1]} px, object on "
+            "frame 0. LLM = prefill of the decoder layers (torch FLOPs, 2 per multiply-add).",
+            markdown_table(headers, rows),
+            "Lite / full LLM FLOPs (with the prompt text; visual + object tokens only, the paper's convention):",
+            markdown_table(
+                ["size", "setting", "Lite/full", "Lite/full (visual+object only)", "paper", "target"], ratio_rows
+            ),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -152,10 +152,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per answer")
     parser.add_argument("--image-size", type=int, default=112, help="side of the square test images (px)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of the tiny model, interleaved (fastest reported); 2B runs once")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are emulated on most CPUs)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of the tiny model, interleaved (fastest reported); 2B runs once"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="default: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are emulated on most CPUs)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, batch 2, 2 new tokens, one run (CI)")
     add_run_arguments(parser, timed_on_cpu=True)
     args = parse_run_arguments(parser, argv)
@@ -187,35 +192,55 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds = best_seconds({"batched": batched, "single": singles}, args.repeats - 1, warmup=0)
                 batched_s, single_s = min(batched_s, seconds["batched"]), min(single_s, seconds["single"])
             tokens = args.batch_size * args.new_tokens
-            results.append({
-                "size": size,
-                "variant": variant,
-                "device": device,
-                "dtype": str(dtype).removeprefix("torch."),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "build_seconds": build_seconds,
-                "batch_size": args.batch_size,
-                "new_tokens": args.new_tokens,
-                "single_seconds": single_s,
-                "batched_seconds": batched_s,
-                "single_tokens_per_second": tokens / single_s,
-                "batched_tokens_per_second": tokens / batched_s,
-                "speedup": single_s / batched_s,
-                "single_peak_mib": single_peak,
-                "batched_peak_mib": batched_peak,
-                "same_answers": bool(torch.equal(batched_answers, single_answers)),
-            })
+            results.append(
+                {
+                    "size": size,
+                    "variant": variant,
+                    "device": device,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "build_seconds": build_seconds,
+                    "batch_size": args.batch_size,
+                    "new_tokens": args.new_tokens,
+                    "single_seconds": single_s,
+                    "batched_seconds": batched_s,
+                    "single_tokens_per_second": tokens / single_s,
+                    "batched_tokens_per_second": tokens / batched_s,
+                    "speedup": single_s / batched_s,
+                    "single_peak_mib": single_peak,
+                    "batched_peak_mib": batched_peak,
+                    "same_answers": bool(torch.equal(batched_answers, single_answers)),
+                }
+            )
             # Free this model before the next is built (the partials hold it too).
             del model, batched, singles
 
     rows = [
-        [r["size"], r["variant"], r["dtype"], r["single_tokens_per_second"], r["batched_tokens_per_second"],
-         f"{r['speedup']:.1f}x", r["single_peak_mib"], r["batched_peak_mib"], "yes" if r["same_answers"] else "no"]
+        [
+            r["size"],
+            r["variant"],
+            r["dtype"],
+            r["single_tokens_per_second"],
+            r["batched_tokens_per_second"],
+            f"{r['speedup']:.1f}x",
+            r["single_peak_mib"],
+            r["batched_peak_mib"],
+            "yes" if r["same_answers"] else "no",
+        ]
         for r in results
     ]
     memory = "peak MiB (GPU allocated)" if device == "cuda" else "peak RSS MiB"
-    headers = ["model", "variant", "dtype", f"{args.batch_size} single calls tok/s",
-               f"batch of {args.batch_size} tok/s", "speedup", f"single {memory}", f"batched {memory}", "same tokens"]
+    headers = [
+        "model",
+        "variant",
+        "dtype",
+        f"{args.batch_size} single calls tok/s",
+        f"batch of {args.batch_size} tok/s",
+        "speedup",
+        f"single {memory}",
+        f"batched {memory}",
+        "same tokens",
+    ]
     table = (
         f"{args.batch_size} questions, {args.new_tokens} new tokens each, {args.image_size}x{args.image_size} images, "
         f"{device}, {torch.get_num_threads()} threads; processor + generate timed end to end, best of "
@@ -224,8 +249,13 @@ def main(argv: list[str] | None = None) -> dict:
         + "".join(f"\n\n{line}" for line in skipped)
     )
     payload = {
-        "settings": {"batch_size": args.batch_size, "new_tokens": args.new_tokens, "image_size": args.image_size,
-                     "repeats": args.repeats, "smoke": args.smoke},
+        "settings": {
+            "batch_size": args.batch_size,
+            "new_tokens": args.new_tokens,
+            "image_size": args.image_size,
+            "repeats": args.repeats,
+            "smoke": args.smoke,
+        },
         "results": results,
         "skipped": skipped,
     }

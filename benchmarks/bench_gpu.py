@@ -73,16 +73,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--image-size", default="448x616", help="HxW of the image setting")
     parser.add_argument("--frame-size", default="720x1280", help="HxW of the video frames")
     parser.add_argument("--frames", type=int, default=20)
-    parser.add_argument("--smoke", action="store_true",
-                        help="run on the CPU with the tiny model and small inputs: checks the script, measures nothing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run on the CPU with the tiny model and small inputs: checks the script, measures nothing",
+    )
     add_run_arguments(parser)
     args = parse_run_arguments(parser, argv)
     if args.smoke:
         size, device, dtype = "tiny", "cpu", torch.float32
         args.new_tokens, args.repeats, args.image_size, args.frame_size, args.frames = 2, 1, "56x70", "56x70", 2
     elif not torch.cuda.is_available():
-        print("bench_gpu.py needs a CUDA device and none is available; nothing measured (use --smoke to check the "
-              "script on the CPU).")
+        print(
+            "bench_gpu.py needs a CUDA device and none is available; nothing measured (use --smoke to check the "
+            "script on the CPU)."
+        )
         return None
     else:
         size, device, dtype = "2b", "cuda", torch.bfloat16
@@ -103,32 +108,52 @@ def main(argv: list[str] | None = None) -> dict | None:
                 generate(model, inputs, args.new_tokens)
                 peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
                 seconds = best_seconds(
-                    {"prefill": partial(prefill, model, inputs),
-                     "generate": partial(generate, model, inputs, args.new_tokens)},
+                    {
+                        "prefill": partial(prefill, model, inputs),
+                        "generate": partial(generate, model, inputs, args.new_tokens),
+                    },
                     args.repeats,
                 )
-                results.append({
-                    "variant": variant,
-                    "attention": attention,
-                    "setting": setting,
-                    "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                    "new_tokens": args.new_tokens,
-                    "prefill_seconds": seconds["prefill"],
-                    "generate_seconds": seconds["generate"],
-                    "tokens_per_second": args.new_tokens / seconds["generate"],
-                    "peak_mib": peak_mib,
-                })
+                results.append(
+                    {
+                        "variant": variant,
+                        "attention": attention,
+                        "setting": setting,
+                        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                        "new_tokens": args.new_tokens,
+                        "prefill_seconds": seconds["prefill"],
+                        "generate_seconds": seconds["generate"],
+                        "tokens_per_second": args.new_tokens / seconds["generate"],
+                        "peak_mib": peak_mib,
+                    }
+                )
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
 
     rows = [
-        [r["variant"], r["attention"], r["setting"], r["prompt_tokens"], r["prefill_seconds"], r["generate_seconds"],
-         r["tokens_per_second"], "-" if r["peak_mib"] is None else r["peak_mib"] / 1024]
+        [
+            r["variant"],
+            r["attention"],
+            r["setting"],
+            r["prompt_tokens"],
+            r["prefill_seconds"],
+            r["generate_seconds"],
+            r["tokens_per_second"],
+            "-" if r["peak_mib"] is None else r["peak_mib"] / 1024,
+        ]
         for r in results
     ]
-    headers = ["variant", "attention", "setting", "prompt tokens", "prefill s", f"generate {args.new_tokens} tok s",
-               "tok/s", "peak GiB"]
+    headers = [
+        "variant",
+        "attention",
+        "setting",
+        "prompt tokens",
+        "prefill s",
+        f"generate {args.new_tokens} tok s",
+        "tok/s",
+        "peak GiB",
+    ]
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke run, tiny model)"
     table = (
         f"{size.upper()}-size random weights, {str(dtype).removeprefix('torch.')}, {device_name}; image "
@@ -136,8 +161,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         + markdown_table(headers, rows)
     )
     payload = {
-        "settings": {"size": size, "new_tokens": args.new_tokens, "repeats": args.repeats, "image_hw": image_hw,
-                     "frame_hw": frame_hw, "frames": args.frames, "smoke": args.smoke},
+        "settings": {
+            "size": size,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "image_hw": image_hw,
+            "frame_hw": frame_hw,
+            "frames": args.frames,
+            "smoke": args.smoke,
+        },
         "results": results,
     }
     write_results("gpu", payload, table, args.output_dir)

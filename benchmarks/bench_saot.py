@@ -74,9 +74,9 @@ def kmeans_loop(tokens: torch.Tensor, num_clusters: int, num_iterations: int, to
         # (tokens, 1, dim) - (1, clusters, dim) -> (tokens, clusters, dim) -> squared distance (tokens, clusters).
         distances = ((tokens[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
         labels = distances.argmin(-1)
-        new_centroids = torch.stack([
-            tokens[labels == k].mean(0) if bool((labels == k).any()) else centroids[k] for k in range(num_clusters)
-        ])
+        new_centroids = torch.stack(
+            [tokens[labels == k].mean(0) if bool((labels == k).any()) else centroids[k] for k in range(num_clusters)]
+        )
         if torch.allclose(centroids, new_centroids, atol=tolerance):
             break
         centroids = new_centroids
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="2b", choices=["2b", "7b"], help="sets the LLM width of the projector")
     parser.add_argument("--regions", default="1,16,64", help="comma-separated numbers of regions")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs per measurement, interleaved (fastest reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per measurement, interleaved (fastest reported)"
+    )
     parser.add_argument("--smoke", action="store_true", help="regions 1,3 and one repeat (CI)")
     add_run_arguments(parser, timed_on_cpu=True)
     args = parse_run_arguments(parser, argv)
@@ -150,31 +151,50 @@ def main(argv: list[str] | None = None) -> dict:
                 }
                 seconds = best_seconds(functions, args.repeats)
                 batched_s, loop_s = seconds["batched"], seconds["loop"]
-            results.append({
-                "device": device,
-                "regions": num_regions,
-                "patches": int(regions["grid_thw"][:, 1:].prod(-1).sum()),
-                "masked_patches": int((regions["patch_masks"] > 0).sum()),
-                "object_tokens": int(batched.shape[0]),
-                "max_abs_difference": max_difference,
-                "batched_seconds": batched_s,
-                "loop_seconds": loop_s,
-                "batched_regions_per_second": num_regions / batched_s,
-                "loop_regions_per_second": num_regions / loop_s,
-                "speedup": loop_s / batched_s,
-                "batched_aggregate_seconds": seconds["batched_aggregate"],
-                "loop_aggregate_seconds": seconds["loop_aggregate"],
-                "aggregate_speedup": seconds["loop_aggregate"] / seconds["batched_aggregate"],
-            })
+            results.append(
+                {
+                    "device": device,
+                    "regions": num_regions,
+                    "patches": int(regions["grid_thw"][:, 1:].prod(-1).sum()),
+                    "masked_patches": int((regions["patch_masks"] > 0).sum()),
+                    "object_tokens": int(batched.shape[0]),
+                    "max_abs_difference": max_difference,
+                    "batched_seconds": batched_s,
+                    "loop_seconds": loop_s,
+                    "batched_regions_per_second": num_regions / batched_s,
+                    "loop_regions_per_second": num_regions / loop_s,
+                    "speedup": loop_s / batched_s,
+                    "batched_aggregate_seconds": seconds["batched_aggregate"],
+                    "loop_aggregate_seconds": seconds["loop_aggregate"],
+                    "aggregate_speedup": seconds["loop_aggregate"] / seconds["batched_aggregate"],
+                }
+            )
 
     rows = [
-        [r["device"], r["regions"], r["masked_patches"], r["object_tokens"], r["loop_regions_per_second"],
-         r["batched_regions_per_second"], f"{r['speedup']:.1f}x", f"{r['aggregate_speedup']:.1f}x",
-         f"{r['max_abs_difference']:.1e}"]
+        [
+            r["device"],
+            r["regions"],
+            r["masked_patches"],
+            r["object_tokens"],
+            r["loop_regions_per_second"],
+            r["batched_regions_per_second"],
+            f"{r['speedup']:.1f}x",
+            f"{r['aggregate_speedup']:.1f}x",
+            f"{r['max_abs_difference']:.1e}",
+        ]
         for r in results
     ]
-    headers = ["device", "regions", "masked patches", "object tokens", "loop regions/s", "batched regions/s",
-               "speedup", "speedup without projector", "max abs diff"]
+    headers = [
+        "device",
+        "regions",
+        "masked patches",
+        "object tokens",
+        "loop regions/s",
+        "batched regions/s",
+        "speedup",
+        "speedup without projector",
+        "max abs diff",
+    ]
     table = (
         f"SAOT aggregation + projector, 1152 -> {config.text_config.hidden_size}, n = {config.num_object_tokens}, "
         f"{config.kmeans_iterations} k-means iterations, best of {args.repeats} interleaved runs, "

@@ -61,8 +61,12 @@ REAL_TEXT_CONFIGS = {
 def add_run_arguments(parser: argparse.ArgumentParser, timed_on_cpu: bool = False) -> None:
     """Arguments every benchmark shares: where results go and, for timed CPU runs, the thread count."""
     if timed_on_cpu:
-        parser.add_argument("--threads", type=int, default=None,
-                            help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs")
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="torch CPU threads (default: torch's choice); 1 on a machine shared with other jobs",
+        )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results")
 
 

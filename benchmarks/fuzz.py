@@ -26,7 +26,19 @@ from pixelrefer_hf.testing import tiny_model_and_processor
 
 HEIGHT, WIDTH = 24, 30
 OUTCOMES = ("answered", "clear ValueError", "ValueError not naming the sample", "other exception", "batch mismatch")
-SPECIAL = ["<region>", "<image>", "<video>", "<REGION>", "<|im_end|>", "<|im_start|>", "\n", "é", "🙂", "\x00", "\ud800"]
+SPECIAL = [
+    "<region>",
+    "<image>",
+    "<video>",
+    "<REGION>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "\n",
+    "é",
+    "🙂",
+    "\x00",
+    "\ud800",
+]
 WORDS = ["What", "is", "the", "colour of", "and", "?", " ", "left of", "Ω", "\t"]
 MASK_DTYPES = [np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.uint16, np.float16, np.float32, np.float64]
 PIL_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "F", "CMYK", "YCbCr"]
@@ -55,7 +67,9 @@ def random_box(rng: np.random.Generator) -> list:
 
 def random_mask(rng: np.random.Generator):
     dtype = np.dtype(pick(rng, MASK_DTYPES))
-    shape = pick(rng, [(HEIGHT, WIDTH)] * 12 + [(1, HEIGHT, WIDTH), (WIDTH, HEIGHT), (HEIGHT,), (), (0, WIDTH), (2, 2, 2)])
+    shape = pick(
+        rng, [(HEIGHT, WIDTH)] * 12 + [(1, HEIGHT, WIDTH), (WIDTH, HEIGHT), (HEIGHT,), (), (0, WIDTH), (2, 2, 2)]
+    )
     mask = np.zeros(shape, dtype=dtype)
     if mask.ndim >= 2 and mask.size:
         rows, cols = mask.shape[-2:]
@@ -115,7 +129,9 @@ def random_region(rng: np.random.Generator):
         return random_rle(rng)
     if kind == 9:
         return random_polygons(rng)
-    return pick(rng, [None, 5, "box", {"a": 1}, {1, 2, 3, 4}, [[1, 2], [3, 4]], {"image_index": 0, "region": [1, 1, 5, 5]}])
+    return pick(
+        rng, [None, 5, "box", {"a": 1}, {1, 2, 3, 4}, [[1, 2], [3, 4]], {"image_index": 0, "region": [1, 1, 5, 5]}]
+    )
 
 
 def random_image(rng: np.random.Generator):
@@ -169,9 +185,13 @@ def random_sample(rng: np.random.Generator) -> dict:
             "regions": [random_region(rng) for _ in range(num_regions)],
         }
     num_frames = pick(rng, [0, 1, 1, 2, 3])
-    frames = [random_image(rng) if rng.random() < 0.15 else np.full((HEIGHT, WIDTH, 3), 40 * t, np.uint8)
-              for t in range(num_frames)]
-    timestamps = pick(rng, [None] * 4 + [[float(t) for t in range(num_frames)], [0.0], "ab", 5, [float("nan")] * num_frames])
+    frames = [
+        random_image(rng) if rng.random() < 0.15 else np.full((HEIGHT, WIDTH, 3), 40 * t, np.uint8)
+        for t in range(num_frames)
+    ]
+    timestamps = pick(
+        rng, [None] * 4 + [[float(t) for t in range(num_frames)], [0.0], "ab", 5, [float("nan")] * num_frames]
+    )
     return {
         "text": random_text(rng, num_regions, "<video>"),
         "video": frames,
@@ -203,8 +223,14 @@ def fuzz_processor(processor, rng: np.random.Generator, counts: dict, failures: 
     except Exception as error:  # noqa: BLE001  (classified: anything but a clear ValueError is a bug)
         outcome = classify(error, tuple(f"sample {k}" for k in range(len(batch))))
         if outcome != "clear ValueError":
-            failures.append({"target": "processor", "outcome": outcome, "error": repr(error)[:300],
-                             "traceback": traceback.format_exc(limit=3)[-600:]})
+            failures.append(
+                {
+                    "target": "processor",
+                    "outcome": outcome,
+                    "error": repr(error)[:300],
+                    "traceback": traceback.format_exc(limit=3)[-600:],
+                }
+            )
     counts["processor"][outcome] += len(batch)
 
 
@@ -217,8 +243,11 @@ def random_item(rng: np.random.Generator):
             item["video_timestamps"] = sample["video_timestamps"]
     else:
         image = sample["images"]
-        item = {"image": image[0] if isinstance(image, list) and image else image, "regions": sample["regions"],
-                "question": question}
+        item = {
+            "image": image[0] if isinstance(image, list) and image else image,
+            "regions": sample["regions"],
+            "question": question,
+        }
     if rng.random() < 0.05:
         return pick(rng, [None, 3, "item", {"image": None}, {**item, "extra": 1}])
     return item
@@ -232,8 +261,14 @@ def fuzz_pipeline(pipe, reference: dict, rng: np.random.Generator, counts: dict,
     try:
         results = pipe(items, batch_size=size, skip_bad_items=True)
     except Exception as error:  # noqa: BLE001
-        failures.append({"target": "pipeline", "outcome": "other exception", "error": repr(error)[:300],
-                         "traceback": traceback.format_exc(limit=3)[-600:]})
+        failures.append(
+            {
+                "target": "pipeline",
+                "outcome": "other exception",
+                "error": repr(error)[:300],
+                "traceback": traceback.format_exc(limit=3)[-600:],
+            }
+        )
         counts["pipeline"]["other exception"] += size
         return
     for index, result in enumerate(results):
@@ -262,7 +297,11 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     model, processor = tiny_model_and_processor(args.variant, seed=args.seed)
     pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa", max_new_tokens=2)
-    good_item = {"image": np.full((HEIGHT, WIDTH, 3), 90, np.uint8), "regions": [[3, 4, 15, 17]], "question": "<region>?"}
+    good_item = {
+        "image": np.full((HEIGHT, WIDTH, 3), 90, np.uint8),
+        "regions": [[3, 4, 15, 17]],
+        "question": "<region>?",
+    }
     reference = {"item": good_item, "answer": pipe(good_item)["answer"]}
 
     counts = {target: dict.fromkeys(OUTCOMES, 0) for target in ("processor", "pipeline")}
@@ -277,7 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     rows = [[target, *(counts[target][o] for o in OUTCOMES), sum(counts[target].values())] for target in counts]
-    rows.append(["total", *(sum(counts[t][o] for t in counts) for o in OUTCOMES), sum(sum(c.values()) for c in counts.values())])
+    rows.append(
+        ["total", *(sum(counts[t][o] for t in counts) for o in OUTCOMES), sum(sum(c.values()) for c in counts.values())]
+    )
     table = (
         f"{rows[-1][-1]} fuzz cases ({args.variant}, seed {args.seed}) in {seconds:.1f} s "
         f"(pipeline {pipeline_seconds:.1f} s, processor {seconds - pipeline_seconds:.1f} s)\n\n"
@@ -285,8 +326,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for failure in failures[:20]:
         print(failure)
-    payload = {"variant": args.variant, "seed": args.seed, "cases": rows[-1][-1], "seconds": seconds, "pipeline_seconds": pipeline_seconds,
-               "counts": counts, "failures": failures[:50]}
+    payload = {
+        "variant": args.variant,
+        "seed": args.seed,
+        "cases": rows[-1][-1],
+        "seconds": seconds,
+        "pipeline_seconds": pipeline_seconds,
+        "counts": counts,
+        "failures": failures[:50],
+    }
     write_results("fuzz" if args.variant == "pixelrefer" else "fuzz_lite", payload, table, args.output_dir)
     return payload
 

@@ -33,7 +33,10 @@ def parse_model(text: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", action="append", type=parse_model, metavar="[NAME=]PATH",
+        "--model",
+        action="append",
+        type=parse_model,
+        metavar="[NAME=]PATH",
         help="a checkpoint folder (repeatable); default: the bundled demo checkpoints",
     )
     parser.add_argument("--num-per-kind", type=int, default=100, help="questions of each kind")

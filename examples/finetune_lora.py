@@ -51,9 +51,7 @@ class ScriptArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Checkpoint folder or Hub id; without it a tiny random model is built."}
     )
-    variant: str = field(
-        default="pixelrefer", metadata={"help": "Tiny model only: 'pixelrefer' or 'pixelrefer-lite'."}
-    )
+    variant: str = field(default="pixelrefer", metadata={"help": "Tiny model only: 'pixelrefer' or 'pixelrefer-lite'."})
     dataset_path: str | None = field(
         default=None,
         metadata={"help": "A save_to_disk folder, a .parquet file or official .json/.jsonl annotations."},
@@ -66,8 +64,11 @@ class ScriptArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     collator_max_length: int | None = field(
-        default=None, metadata={"help": "Truncate longer samples (text only; samples that would lose visual or "
-                                        "region tokens raise or are skipped)."}
+        default=None,
+        metadata={
+            "help": "Truncate longer samples (text only; samples that would lose visual or "
+            "region tokens raise or are skipped)."
+        },
     )
     skip_bad_samples: bool = field(
         default=False, metadata={"help": "Skip bad samples with a counted warning instead of stopping."}

@@ -48,9 +48,7 @@ def main() -> None:
         for question in questions
     ]
     images = [image] * len(prompts)
-    inputs = processor(
-        text=prompts, images=images, regions=regions, padding=True, return_tensors="pt"
-    )
+    inputs = processor(text=prompts, images=images, regions=regions, padding=True, return_tensors="pt")
 
     # Generation
     with torch.no_grad():

@@ -74,8 +74,10 @@ class ShapesArguments:
     perception_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 1: learning rate."})
     train_perception_in_sft: bool = field(
         default=False,
-        metadata={"help": "Stage 2 also trains the tower, SAOT and OCI (default: frozen after stage 1, as the "
-                          "released recipe freezes the tower)."},
+        metadata={
+            "help": "Stage 2 also trains the tower, SAOT and OCI (default: frozen after stage 1, as the "
+            "released recipe freezes the tower)."
+        },
     )
     position_init_std: float = field(
         default=1.0,
@@ -108,8 +110,15 @@ def perception_batch(rng: np.random.Generator, size: int) -> tuple[list, list, t
         height, width = scene.frames[0].shape[:2]
         for obj in scene.objects:
             rows, cols = np.nonzero(obj.masks[0])
-            targets.append([SHAPES.index(obj.shape), list(COLORS).index(obj.color), np.log(obj.area / (height * width)),
-                            cols.mean() / width, rows.mean() / height])
+            targets.append(
+                [
+                    SHAPES.index(obj.shape),
+                    list(COLORS).index(obj.color),
+                    np.log(obj.area / (height * width)),
+                    cols.mean() / width,
+                    rows.mean() / height,
+                ]
+            )
     return frames, masks, torch.tensor(targets, dtype=torch.float32)
 
 
@@ -189,8 +198,12 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     perception_losses = []
     if shapes_args.perception_steps:
         perception_losses = object_perception_warmup(
-            model, processor, shapes_args.perception_steps, shapes_args.perception_batch_size,
-            shapes_args.perception_learning_rate, training_args.seed,
+            model,
+            processor,
+            shapes_args.perception_steps,
+            shapes_args.perception_batch_size,
+            shapes_args.perception_learning_rate,
+            training_args.seed,
         )
         if not shapes_args.train_perception_in_sft:
             # Stage 2 then teaches the LLM (and PixelRefer's global projector) to read the tokens stage 1 shaped;
@@ -239,7 +252,9 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "perception_frozen_in_sft": bool(shapes_args.perception_steps and not shapes_args.train_perception_in_sft),
         "perception_loss_first_last": [
             round(float(np.mean(part)), 3) for part in (perception_losses[:10], perception_losses[-10:])
-        ] if perception_losses else None,
+        ]
+        if perception_losses
+        else None,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "parameters": sum(p.numel() for p in model.parameters()),

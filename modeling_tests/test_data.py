@@ -45,21 +45,27 @@ def decoded(row: dict) -> list[list[tuple[int, np.ndarray]]]:
 def rows():
     image_masks = [box_mask(40, 60, (5, 20), (10, 30)), box_mask(40, 60, (25, 35), (40, 58))]
     video_masks = {0: box_mask(32, 48, (0, 10), (0, 10)), 2: box_mask(32, 48, (10, 30), (20, 40))}
-    return [
-        make_region_chat_row(
-            [{"role": "user", "content": "<image>\nCompare <region> and <region>."},
-             {"role": "assistant", "content": "The first is larger."}],
-            image=random_image(40, 60),
-            regions=image_masks,
-            id="image-0",
-        ),
-        make_region_chat_row(
-            [{"role": "user", "content": "What does <region> do?"}, {"role": "assistant", "content": "It moves."}],
-            frames=[random_image(32, 48, seed=t) for t in range(3)],
-            timestamps=[0.0, 0.5, 1.0],
-            regions=[video_masks],
-        ),
-    ], image_masks, video_masks
+    return (
+        [
+            make_region_chat_row(
+                [
+                    {"role": "user", "content": "<image>\nCompare <region> and <region>."},
+                    {"role": "assistant", "content": "The first is larger."},
+                ],
+                image=random_image(40, 60),
+                regions=image_masks,
+                id="image-0",
+            ),
+            make_region_chat_row(
+                [{"role": "user", "content": "What does <region> do?"}, {"role": "assistant", "content": "It moves."}],
+                frames=[random_image(32, 48, seed=t) for t in range(3)],
+                timestamps=[0.0, 0.5, 1.0],
+                regions=[video_masks],
+            ),
+        ],
+        image_masks,
+        video_masks,
+    )
 
 
 def test_rows_encode_regions_as_rle_with_their_frames(rows):
@@ -127,8 +133,7 @@ def test_save_to_disk_and_parquet_round_trips(rows, tmp_path):
     reloaded = load_from_disk(tmp_path / "disk")
     np.testing.assert_array_equal(decoded(reloaded[0])[0][0][1], rows[1][0])
     original = np.asarray(rows[0][0]["image"])
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(reloaded[0]["image"]["bytes"]))),
-                                  original)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(reloaded[0]["image"]["bytes"]))), original)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,19 +163,42 @@ def official(tmp_path):
     polygon = [[10.0, 5.0, 29.0, 5.0, 29.0, 19.0, 10.0, 19.0]]
     frame_mask = box_mask(32, 48, (2, 12), (3, 20))
     samples = [
-        {"id": "rle", "image": "a.png", "masks": [rle_encode(mask)],
-         "conversations": [{"from": "human", "value": "<image>\nWhat is <region>?"},
-                           {"from": "gpt", "value": "A box."}]},
-        {"image": "a.png", "masks": [uncompressed_rle(mask), polygon], "height": 40, "width": 60,
-         "conversations": [{"from": "gpt", "value": "dropped"}, {"from": "human", "value": "<region> vs <region>"},
-                           {"from": "gpt", "value": "Same."}]},
-        {"image": "a.png", "masks": [polygon],  # no height / width: read from the image file
-         "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "ok"}]},
-        {"video": ["f0.png", "f1.png", "f2.png", "f3.png"], "timestamps": [0, 0.5, 1.0, 1.5],
-         "masks": [{"1": rle_encode(frame_mask), "3": rle_encode(frame_mask)}],
-         "conversations": [{"from": "human", "value": "<video>\n<region>?"}, {"from": "gpt", "value": "moves"}]},
-        {"video": ["clip.mp4"], "masks": [{"6": rle_encode(frame_mask)}],
-         "conversations": [{"from": "human", "value": "<video>\n<region>?"}, {"from": "gpt", "value": "moves"}]},
+        {
+            "id": "rle",
+            "image": "a.png",
+            "masks": [rle_encode(mask)],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is <region>?"},
+                {"from": "gpt", "value": "A box."},
+            ],
+        },
+        {
+            "image": "a.png",
+            "masks": [uncompressed_rle(mask), polygon],
+            "height": 40,
+            "width": 60,
+            "conversations": [
+                {"from": "gpt", "value": "dropped"},
+                {"from": "human", "value": "<region> vs <region>"},
+                {"from": "gpt", "value": "Same."},
+            ],
+        },
+        {
+            "image": "a.png",
+            "masks": [polygon],  # no height / width: read from the image file
+            "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "ok"}],
+        },
+        {
+            "video": ["f0.png", "f1.png", "f2.png", "f3.png"],
+            "timestamps": [0, 0.5, 1.0, 1.5],
+            "masks": [{"1": rle_encode(frame_mask), "3": rle_encode(frame_mask)}],
+            "conversations": [{"from": "human", "value": "<video>\n<region>?"}, {"from": "gpt", "value": "moves"}],
+        },
+        {
+            "video": ["clip.mp4"],
+            "masks": [{"6": rle_encode(frame_mask)}],
+            "conversations": [{"from": "human", "value": "<video>\n<region>?"}, {"from": "gpt", "value": "moves"}],
+        },
     ]
     path = tmp_path / "train.json"
     path.write_text(json.dumps(samples))
@@ -183,8 +211,10 @@ def test_official_annotations_convert(official):
     assert dataset["id"] == ["rle", "1", "2", "3", "4"]
     rows = [dataset[i] for i in range(len(dataset))]
 
-    assert rows[0]["messages"] == [{"role": "user", "content": "<image>\nWhat is <region>?"},
-                                   {"role": "assistant", "content": "A box."}]
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "<image>\nWhat is <region>?"},
+        {"role": "assistant", "content": "A box."},
+    ]
     assert rows[0]["image"]["path"] == str(path.parent / "a.png")
     np.testing.assert_array_equal(decoded(rows[0])[0][0][1], mask)
 
@@ -218,21 +248,43 @@ def test_read_video_frames_samples_and_keeps_annotated_frames(tmp_path):
 
 
 BAD_SAMPLES = [
-    ({"image": "a.png", "masks": [], "conversations": [{"from": "human", "value": "<region>"},
-                                                       {"from": "gpt", "value": "x"}]},
-     "1 <region> placeholders but 0 masks"),
-    ({"image": "a.png", "masks": [{"size": [40, 60], "counts": "00"}],
-      "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}]},
-     "region 0: invalid COCO RLE"),
+    (
+        {
+            "image": "a.png",
+            "masks": [],
+            "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}],
+        },
+        "1 <region> placeholders but 0 masks",
+    ),
+    (
+        {
+            "image": "a.png",
+            "masks": [{"size": [40, 60], "counts": "00"}],
+            "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}],
+        },
+        "region 0: invalid COCO RLE",
+    ),
     ({"image": "a.png", "conversations": []}, "the conversation is empty"),
     ({"image": "a.png", "conversations": [{"from": "human", "value": "hi"}]}, "no assistant answer"),
     ({"image": "a.png", "conversations": [{"from": "robot", "value": "hi"}]}, "unknown speaker 'robot'"),
-    ({"image": "missing.png", "masks": [[[0, 0, 5, 0, 5, 5]]],
-      "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}]},
-     "image file .*missing.png does not exist"),
-    ({"video": ["missing.mp4"], "masks": [{"0": [[0, 0, 5, 0, 5, 5]]}], "height": 8, "width": 8,
-      "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}]},
-     "video file .*missing.mp4 does not exist"),
+    (
+        {
+            "image": "missing.png",
+            "masks": [[[0, 0, 5, 0, 5, 5]]],
+            "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}],
+        },
+        "image file .*missing.png does not exist",
+    ),
+    (
+        {
+            "video": ["missing.mp4"],
+            "masks": [{"0": [[0, 0, 5, 0, 5, 5]]}],
+            "height": 8,
+            "width": 8,
+            "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}],
+        },
+        "video file .*missing.mp4 does not exist",
+    ),
 ]
 
 

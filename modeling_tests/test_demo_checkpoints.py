@@ -78,8 +78,9 @@ def test_readme_main_command_answers_with_the_demo_checkpoint(capsys):
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert captured.out.strip() == "a red square"
-    status = cli.main(["ask", str(EXAMPLE_IMAGE), "--model", "demo-lite", "--box", "40,40,90,90", "--json",
-                       "What color is <region>?"])
+    status = cli.main(
+        ["ask", str(EXAMPLE_IMAGE), "--model", "demo-lite", "--box", "40,40,90,90", "--json", "What color is <region>?"]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert json.loads(captured.out)["answer"] == "red"
@@ -113,7 +114,9 @@ def test_exported_demo_checkpoint_loads_without_the_package(tmp_path):
     """
     result = run_python(code, cwd=tmp_path)
     assert result == {
-        "model": "PixelReferForConditionalGeneration", "processor": "PixelReferProcessor", "answer": "yellow"
+        "model": "PixelReferForConditionalGeneration",
+        "processor": "PixelReferProcessor",
+        "answer": "yellow",
     }
     # The same answer as with the package installed.
     model = AutoModel.from_pretrained(demo_checkpoint("pixelrefer-lite"), trust_remote_code=True)
@@ -125,9 +128,26 @@ def test_exported_demo_checkpoint_loads_without_the_package(tmp_path):
 def test_short_training_from_scratch_lowers_the_loss(tmp_path):
     output = tmp_path / "run"
     command = [
-        sys.executable, str(ROOT / "examples" / "train_shapes.py"), "--output_dir", str(output), "--max_steps", "6",
-        "--num_train_rows", "24", "--per_device_train_batch_size", "4", "--warmup_steps", "0", "--logging_steps", "1",
-        "--threads", "1", "--perception_steps", "24", "--perception_batch_size", "8",
+        sys.executable,
+        str(ROOT / "examples" / "train_shapes.py"),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "6",
+        "--num_train_rows",
+        "24",
+        "--per_device_train_batch_size",
+        "4",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--threads",
+        "1",
+        "--perception_steps",
+        "24",
+        "--perception_batch_size",
+        "8",
     ]
     env = offline_env()
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

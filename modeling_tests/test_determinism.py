@@ -45,8 +45,11 @@ def with_threads(count: int, function):
 def processor_outputs(processor):
     prompt = "<|im_start|>user\n<image>\nCompare <region> and <region>.<|im_end|>\n<|im_start|>assistant\n"
     inputs = processor(
-        text=[prompt, prompt], images=IMAGES[:2], regions=[[MASK, [1, 2, 20, 30]], [[0, 0, 9, 9], [5, 5, 40, 30]]],
-        padding=True, return_tensors="pt",
+        text=[prompt, prompt],
+        images=IMAGES[:2],
+        regions=[[MASK, [1, 2, 20, 30]], [[0, 0, 9, 9], [5, 5, 40, 30]]],
+        padding=True,
+        return_tensors="pt",
     )
     return {key: value.clone() for key, value in inputs.items()}
 

@@ -65,9 +65,13 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def mixed_rows():
-    rows = [image_row("img"), video_row("vid"), make_region_chat_row(
-        [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}], id="text"
-    )]
+    rows = [
+        image_row("img"),
+        video_row("vid"),
+        make_region_chat_row(
+            [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}], id="text"
+        ),
+    ]
     dataset = build_region_chat_dataset(rows)
     return [dataset[i] for i in range(len(dataset))]
 
@@ -193,8 +197,10 @@ def test_batch_of_only_bad_samples_raises(tiny, tmp_path):
 
 def test_too_long_sample_is_never_cut_through_region_tokens(tiny):
     _, processor = tiny["pixelrefer"]
-    rows = [image_row("short", question="<region>?"), image_row("long", question="Compare " + "<region> " * 3,
-                                                                  num_regions=3)]
+    rows = [
+        image_row("short", question="<region>?"),
+        image_row("long", question="Compare " + "<region> " * 3, num_regions=3),
+    ]
     dataset = build_region_chat_dataset(rows)
     full = PixelReferDataCollator(processor)([dataset[0], dataset[1]])
     lengths = full["attention_mask"].sum(-1).tolist()
@@ -230,9 +236,18 @@ def lora_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("lora")
     script_args = example.ScriptArguments(num_synthetic_samples=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
     training_args = SFTConfig(
-        **{**example.default_training_arguments(), "bf16": False, "use_cpu": True, "learning_rate": 5e-3,
-           "warmup_steps": 0, "lr_scheduler_type": "constant", "per_device_train_batch_size": 4, "max_steps": 4,
-           "disable_tqdm": True, "output_dir": str(output_dir)}
+        **{
+            **example.default_training_arguments(),
+            "bf16": False,
+            "use_cpu": True,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "per_device_train_batch_size": 4,
+            "max_steps": 4,
+            "disable_tqdm": True,
+            "output_dir": str(output_dir),
+        }
     )
     example.main(script_args, training_args)
     dataset = synthetic_region_chat_dataset(4)
@@ -261,8 +276,11 @@ def test_lora_steps_lower_the_loss_and_train_only_the_intended_modules(lora_run)
     assert not any("vision_model" in key and ("lora_" in key or "modules_to_save" in key) for key in state)
     # The fully trained modules did receive gradients through TRL's backbone call and gradient checkpointing.
     for name, module in [("object_tokenizer", base.model.object_tokenizer), ("model.projector", base.model.projector)]:
-        trained = {key.split(".modules_to_save.default.")[1]: value for key, value in state.items()
-                   if f"{name}.modules_to_save.default." in key}
+        trained = {
+            key.split(".modules_to_save.default.")[1]: value
+            for key, value in state.items()
+            if f"{name}.modules_to_save.default." in key
+        }
         assert any(not torch.equal(value, module.state_dict()[key]) for key, value in trained.items()), name
 
 
@@ -301,8 +319,17 @@ def test_stage_trainer_learning_rates(tmp_path, variant, stage, object_lr):
     example = load_example("train_stage")
     model, processor = tiny_model_and_processor(variant)
     model.model.vision_model.requires_grad_(False)
-    args = SFTConfig(**{**example.default_training_arguments(), "bf16": False, "use_cpu": True, "max_steps": 1,
-                        "warmup_steps": 0, "disable_tqdm": True, "output_dir": str(tmp_path)})
+    args = SFTConfig(
+        **{
+            **example.default_training_arguments(),
+            "bf16": False,
+            "use_cpu": True,
+            "max_steps": 1,
+            "warmup_steps": 0,
+            "disable_tqdm": True,
+            "output_dir": str(tmp_path),
+        }
+    )
     trainer = example.StageTrainer(
         model=model,
         args=args,

@@ -28,10 +28,22 @@ def small_config(variant="pixelrefer", **overrides):
         oci_num_heads=2,
         image_token_id=IMAGE_TOKEN,
         region_token_id=REGION_TOKEN,
-        text_config={"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100},
-        vision_config={"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
-                       "patch_size": 14},
+        text_config={
+            "model_type": "qwen2",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 100,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "patch_size": 14,
+        },
         **overrides,
     )
 
@@ -156,7 +168,10 @@ def test_relative_box_positions(legacy):
     sizes = torch.tensor([[120, 200], [40, 101]])
     got = relative_box_positions(grids, boxes, sizes, legacy=legacy)
     expected = torch.cat(
-        [reference_positions(3, 4, (10, 20, 60, 90), 120, 200, legacy), reference_positions(2, 5, (0, 0, 30, 100), 40, 101, legacy)]
+        [
+            reference_positions(3, 4, (10, 20, 60, 90), 120, 200, legacy),
+            reference_positions(2, 5, (0, 0, 30, 100), 40, 101, legacy),
+        ]
     )
     torch.testing.assert_close(got, expected)
 
@@ -164,7 +179,8 @@ def test_relative_box_positions(legacy):
 def test_legacy_positions_differ_from_correct_ones_for_non_square_boxes():
     grids, boxes, sizes = torch.tensor([[2, 2]]), torch.tensor([[0.0, 50.0, 10.0, 90.0]]), torch.tensor([[100, 100]])
     assert not torch.allclose(
-        relative_box_positions(grids, boxes, sizes, legacy=True), relative_box_positions(grids, boxes, sizes, legacy=False)
+        relative_box_positions(grids, boxes, sizes, legacy=True),
+        relative_box_positions(grids, boxes, sizes, legacy=False),
     )
 
 
@@ -173,7 +189,9 @@ def test_legacy_positions_differ_from_correct_ones_for_non_square_boxes():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def emulated_flash_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False, **kwargs):
+def emulated_flash_attention(
+    module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False, **kwargs
+):
     """A CPU stand-in for flash-attn's varlen kernel: same arguments, computed per segment pair with SDPA."""
     assert attention_mask is None and query.shape[0] == 1
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
@@ -220,8 +238,9 @@ def test_cross_attention_equals_official_multihead_attention(implementation, rag
     with torch.no_grad():
         got = attention(queries, context, lengths, index)
         segments = context.split(lengths.tolist())
-        expected = torch.stack([mha(queries[i : i + 1], segments[j][None], segments[j][None])[0][0]
-                                for i, j in enumerate(index.tolist())])
+        expected = torch.stack(
+            [mha(queries[i : i + 1], segments[j][None], segments[j][None])[0][0] for i, j in enumerate(index.tolist())]
+        )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if implementation == "cpu_flash_emulated":
         assert emulated_flash_attention.calls == calls + 1, "the flash path must make one varlen call"
@@ -341,8 +360,9 @@ def test_region_token_count_mismatch_is_a_clear_error():
 def test_lite_rejects_global_images():
     model = PixelReferForConditionalGeneration(small_config("pixelrefer-lite")).eval()
     inputs = synthetic_inputs("pixelrefer-lite")
-    inputs.update(pixel_values=torch.randn(4, 588), image_grid_thw=torch.tensor([[1, 2, 2]]),
-                  image_merge_sizes=torch.tensor([1]))
+    inputs.update(
+        pixel_values=torch.randn(4, 588), image_grid_thw=torch.tensor([[1, 2, 2]]), image_merge_sizes=torch.tensor([1])
+    )
     with pytest.raises(ValueError, match="PixelRefer-Lite feeds no global visual tokens"):
         model(**inputs)
 
@@ -356,11 +376,16 @@ def test_batched_regions_equal_single_sample_regions():
         together = model(**batch).object_hidden_states
         first = {k: v for k, v in batch.items()}
         first.update(
-            input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
-            region_pixel_values=batch["region_pixel_values"][: 16 + 49], region_grid_thw=batch["region_grid_thw"][:2],
-            region_patch_masks=batch["region_patch_masks"][: 16 + 49], region_boxes=batch["region_boxes"][:2],
-            region_image_sizes=batch["region_image_sizes"][:2], region_local_pixel_values=batch["region_local_pixel_values"][:8],
-            region_local_grid_thw=batch["region_local_grid_thw"][:2], region_local_index=batch["region_local_index"][:2],
+            input_ids=batch["input_ids"][:1],
+            attention_mask=batch["attention_mask"][:1],
+            region_pixel_values=batch["region_pixel_values"][: 16 + 49],
+            region_grid_thw=batch["region_grid_thw"][:2],
+            region_patch_masks=batch["region_patch_masks"][: 16 + 49],
+            region_boxes=batch["region_boxes"][:2],
+            region_image_sizes=batch["region_image_sizes"][:2],
+            region_local_pixel_values=batch["region_local_pixel_values"][:8],
+            region_local_grid_thw=batch["region_local_grid_thw"][:2],
+            region_local_index=batch["region_local_index"][:2],
             region_global_index=batch["region_global_index"][:2],
         )
         alone = model(**first).object_hidden_states

@@ -51,7 +51,9 @@ def assert_batch_equals_single_calls(model, processor):
     with torch.no_grad():
         batched = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
         for index in range(2):
-            single = processor(text=[prompts[index]], images=[images[index]], regions=[regions[index]], return_tensors="pt")
+            single = processor(
+                text=[prompts[index]], images=[images[index]], regions=[regions[index]], return_tensors="pt"
+            )
             alone = model.generate(**single, max_new_tokens=6, do_sample=False)[0, single["input_ids"].shape[1] :]
             assert until_eos(batched[index], eos) == until_eos(alone, eos), index
 

@@ -737,7 +737,11 @@ def test_pixelrefer_takes_a_video_region_on_one_frame_unless_asked(make_processo
     """The official PixelRefer writes `[<REGION>...]` for a region on one frame and never saw a region on several;
     the timed form is an opt-in extension for PixelRefer and the released form for Lite."""
     mask = box_mask(56, 56, (10, 40), (10, 40))
-    kwargs = {"text": "<video>\n<region> and <region>", "videos": video_frames(), "regions": [{1: mask}, {0: mask, 2: mask}]}
+    kwargs = {
+        "text": "<video>\n<region> and <region>",
+        "videos": video_frames(),
+        "regions": [{1: mask}, {0: mask, 2: mask}],
+    }
     with pytest.raises(ValueError, match=r"sample 0, region 1: given on frames \[0, 2\].*multi_frame_regions=True"):
         make_processor()(**kwargs)
     one_frame = make_processor()(**{**kwargs, "regions": [{1: mask}, {2: mask}]})

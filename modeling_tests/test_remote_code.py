@@ -99,7 +99,12 @@ def test_reloaded_in_process_gives_identical_logits(tmp_path):
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
     image = np.full((48, 64, 3), 120, dtype=np.uint8)
     image[10:30, 20:40] = (255, 0, 0)
-    kwargs = {"text": "<image>\nWhat is <region>?", "images": image, "regions": [[18, 8, 42, 32]], "return_tensors": "pt"}
+    kwargs = {
+        "text": "<image>\nWhat is <region>?",
+        "images": image,
+        "regions": [[18, 8, 42, 32]],
+        "return_tensors": "pt",
+    }
     inputs, reloaded_inputs = processor(**kwargs), reloaded_processor(**kwargs)
     for key in inputs:
         assert torch.equal(inputs[key], reloaded_inputs[key]), key

@@ -32,16 +32,54 @@ REMOTE_CODE_NAMES = sorted(REMOTE_CODE)
 
 # Top-level modules whose import alone means network, processes or code loading.
 FORBIDDEN_MODULES = {
-    "socket", "ssl", "urllib", "urllib2", "urllib3", "http", "requests", "httpx", "aiohttp", "ftplib", "smtplib",
-    "telnetlib", "xmlrpc", "websocket", "websockets", "subprocess", "multiprocessing", "pty", "pickle", "cPickle",
-    "dill", "cloudpickle", "joblib", "marshal", "shelve", "ctypes", "importlib", "runpy", "code", "codeop",
+    "socket",
+    "ssl",
+    "urllib",
+    "urllib2",
+    "urllib3",
+    "http",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "ftplib",
+    "smtplib",
+    "telnetlib",
+    "xmlrpc",
+    "websocket",
+    "websockets",
+    "subprocess",
+    "multiprocessing",
+    "pty",
+    "pickle",
+    "cPickle",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "marshal",
+    "shelve",
+    "ctypes",
+    "importlib",
+    "runpy",
+    "code",
+    "codeop",
 }
 # Builtins whose call (as a bare name, or `builtins.eval`) is forbidden; `model.eval()` and `re.compile` are fine.
 FORBIDDEN_BUILTINS = {"eval", "exec", "compile", "__import__", "breakpoint"}
 # Names whose call or import is forbidden wherever they come from.
 FORBIDDEN_CALLS = {
-    "system", "popen", "spawnl", "spawnv", "execv", "execve", "fork", "hf_hub_download", "snapshot_download",
-    "cached_file", "cached_files", "urlopen", "urlretrieve",
+    "system",
+    "popen",
+    "spawnl",
+    "spawnv",
+    "execv",
+    "execve",
+    "fork",
+    "hf_hub_download",
+    "snapshot_download",
+    "cached_file",
+    "cached_files",
+    "urlopen",
+    "urlretrieve",
 }
 # Reviewed exceptions, `(module, what)`: sam_utils reads the JSON preprocessing file of the SAM2 checkpoint the user
 # names (`sam2_model=`) with transformers' `cached_file`, as `from_pretrained` would (no code, no pickle).

@@ -47,8 +47,9 @@ def processor():
     return tiny_model_and_processor("pixelrefer", seed=4)[1]
 
 
-anything = st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=4), st.floats(), st.booleans(), st.just([]),
-                     st.just({}))
+anything = st.one_of(
+    st.none(), st.integers(-3, 3), st.text(max_size=4), st.floats(), st.booleans(), st.just([]), st.just({})
+)
 roles = st.one_of(st.sampled_from(["user", "assistant", "system"]), anything)
 contents = st.one_of(
     st.sampled_from(["<image>\nWhat is <region>?", "What is <region>?", "An answer.", "<region>", "<video>", ""]),
@@ -60,8 +61,12 @@ messages = st.one_of(
 )
 rles = st.one_of(
     st.just(RLE),
-    st.fixed_dictionaries({"size": st.one_of(st.just([HEIGHT, WIDTH]), anything), "counts": st.one_of(
-        st.text(max_size=6), st.just(RLE["counts"]), anything)}),
+    st.fixed_dictionaries(
+        {
+            "size": st.one_of(st.just([HEIGHT, WIDTH]), anything),
+            "counts": st.one_of(st.text(max_size=6), st.just(RLE["counts"]), anything),
+        }
+    ),
     anything,
 )
 entries = st.one_of(
@@ -102,14 +107,21 @@ def test_malformed_rows_are_batched_or_named_and_the_good_row_survives(processor
 
 
 official_masks = st.one_of(
-    st.lists(st.one_of(st.just(RLE), st.just([[1, 1, 10, 1, 10, 10]]), anything,
-                       st.dictionaries(st.one_of(st.text(max_size=2), st.integers(-1, 3)), st.just(RLE), max_size=2)),
-             max_size=2),
+    st.lists(
+        st.one_of(
+            st.just(RLE),
+            st.just([[1, 1, 10, 1, 10, 10]]),
+            anything,
+            st.dictionaries(st.one_of(st.text(max_size=2), st.integers(-1, 3)), st.just(RLE), max_size=2),
+        ),
+        max_size=2,
+    ),
     anything,
 )
 turns = st.one_of(
-    st.fixed_dictionaries({"from": st.one_of(st.sampled_from(["human", "gpt", "system"]), anything),
-                           "value": contents}),
+    st.fixed_dictionaries(
+        {"from": st.one_of(st.sampled_from(["human", "gpt", "system"]), anything), "value": contents}
+    ),
     anything,
 )
 official_samples = st.fixed_dictionaries(
@@ -128,12 +140,23 @@ official_samples = st.fixed_dictionaries(
 
 
 VALID_OFFICIAL = {
-    "image": {"id": "a", "image": "img.png", "masks": [RLE, [[1, 1, 10, 1, 10, 10]]], "height": HEIGHT, "width": WIDTH,
-              "conversations": [{"from": "human", "value": "<image>\n<region> and <region>?"},
-                                {"from": "gpt", "value": "Two."}]},
-    "frames": {"video": ["f0.png", "f1.png"], "timestamps": [0.0, 1.0], "masks": [{"0": RLE, "1": RLE}],
-               "conversations": [{"from": "human", "value": "<video>\nWhere is <region>?"},
-                                 {"from": "gpt", "value": "Here."}]},
+    "image": {
+        "id": "a",
+        "image": "img.png",
+        "masks": [RLE, [[1, 1, 10, 1, 10, 10]]],
+        "height": HEIGHT,
+        "width": WIDTH,
+        "conversations": [
+            {"from": "human", "value": "<image>\n<region> and <region>?"},
+            {"from": "gpt", "value": "Two."},
+        ],
+    },
+    "frames": {
+        "video": ["f0.png", "f1.png"],
+        "timestamps": [0.0, 1.0],
+        "masks": [{"0": RLE, "1": RLE}],
+        "conversations": [{"from": "human", "value": "<video>\nWhere is <region>?"}, {"from": "gpt", "value": "Here."}],
+    },
 }
 
 
@@ -149,11 +172,18 @@ def mutated_official_samples(draw):
         elif choice == 1:
             sample[key] = draw(anything)
         elif key == "masks":
-            sample[key] = [draw(st.one_of(rles, st.dictionaries(st.one_of(st.text(max_size=2), st.integers(-1, 3),
-                                                                           st.floats(0, 2)), rles, max_size=2),
-                                          st.lists(st.lists(st.one_of(st.integers(-3, 30), st.floats()), max_size=8),
-                                                   max_size=2)))
-                           for _ in range(draw(st.integers(0, 2)))]
+            sample[key] = [
+                draw(
+                    st.one_of(
+                        rles,
+                        st.dictionaries(
+                            st.one_of(st.text(max_size=2), st.integers(-1, 3), st.floats(0, 2)), rles, max_size=2
+                        ),
+                        st.lists(st.lists(st.one_of(st.integers(-3, 30), st.floats()), max_size=8), max_size=2),
+                    )
+                )
+                for _ in range(draw(st.integers(0, 2)))
+            ]
         elif key == "conversations":
             sample[key] = draw(st.lists(turns, max_size=4))
         else:

@@ -129,8 +129,11 @@ def test_pipeline_names_the_item_of_a_bad_file_and_answers_the_others(model_and_
 
     # The image processor's pixel bound is applied to files too.
     limits = {**processor.image_processor.to_dict(), "max_image_pixels": 100}
-    bounded = PixelReferProcessor(image_processor=PixelReferImageProcessor(**limits), tokenizer=processor.tokenizer,
-                                  chat_template=processor.chat_template)
+    bounded = PixelReferProcessor(
+        image_processor=PixelReferImageProcessor(**limits),
+        tokenizer=processor.tokenizer,
+        chat_template=processor.chat_template,
+    )
     pipe = RegionQAPipeline(model=model, processor=bounded, task="region-qa", max_new_tokens=2)
     with pytest.raises(ValueError, match="item 0: image: image .* is 20x28 = 560 pixels, more than max_image_pixels"):
         pipe([item])
@@ -283,7 +286,9 @@ def test_weight_files_pointing_out_of_the_snapshot_are_refused(tmp_path):
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     (snapshot / "model.safetensors").symlink_to(outside)
-    with pytest.raises(ConversionError, match="Expected the weight file 'model.safetensors' to lie inside the snapshot"):
+    with pytest.raises(
+        ConversionError, match="Expected the weight file 'model.safetensors' to lie inside the snapshot"
+    ):
         official_weight_files(snapshot)
     (snapshot / "model.safetensors").unlink()
     index = {"weight_map": {"w": "../outside.safetensors"}}
@@ -328,8 +333,11 @@ def test_command_line_mask_that_is_a_decompression_bomb_is_a_clear_error(tmp_pat
 def test_pipeline_refuses_too_many_frames_before_converting_them(model_and_processor, tmp_path, mp4_bytes):
     model, processor = model_and_processor
     limits = {**processor.image_processor.to_dict(), "max_video_frames": 3}
-    bounded = PixelReferProcessor(image_processor=PixelReferImageProcessor(**limits), tokenizer=processor.tokenizer,
-                                  chat_template=processor.chat_template)
+    bounded = PixelReferProcessor(
+        image_processor=PixelReferImageProcessor(**limits),
+        tokenizer=processor.tokenizer,
+        chat_template=processor.chat_template,
+    )
     pipe = RegionQAPipeline(model=model, processor=bounded, task="region-qa", max_new_tokens=2)
     frames = [IMAGE] * 4
     with pytest.raises(ValueError, match="item 0: the video has 4 frames, more than max_video_frames=3"):

@@ -82,8 +82,10 @@ def masks(draw):
         elements = st.booleans()
     else:
         info = np.iinfo(dtype)
-        elements = st.one_of(st.sampled_from([v for v in (0, 1, 255) if info.min <= v <= info.max]),
-                             st.integers(int(info.min), int(info.max)))
+        elements = st.one_of(
+            st.sampled_from([v for v in (0, 1, 255) if info.min <= v <= info.max]),
+            st.integers(int(info.min), int(info.max)),
+        )
     fill = draw(elements)
     array = np.full(shape, fill, dtype=dtype)
     if array.ndim >= 2 and array.size:
@@ -167,7 +169,19 @@ images = st.one_of(
     st.none(),
     st.text(max_size=3),
 )
-SPECIAL = ["<region>", "<image>", "<video>", "<REGION>", "<|im_end|>", "<|im_start|>", "\n", "é", "🙂", "\x00", "\ud800"]
+SPECIAL = [
+    "<region>",
+    "<image>",
+    "<video>",
+    "<REGION>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "\n",
+    "é",
+    "🙂",
+    "\x00",
+    "\ud800",
+]
 texts = st.lists(st.one_of(st.sampled_from(SPECIAL), st.text(max_size=6)), max_size=12).map("".join)
 
 
@@ -224,7 +238,9 @@ def test_a_valid_mask_of_any_dtype_is_accepted(processor, dtype, rows, cols, on)
 
 @fixed(150)
 @given(text=texts, num_regions=st.integers(0, 3), image=images)
-def test_any_text_and_image_give_tokens_or_an_error_naming_the_sample(processor, lite_processor, text, num_regions, image):
+def test_any_text_and_image_give_tokens_or_an_error_naming_the_sample(
+    processor, lite_processor, text, num_regions, image
+):
     for proc in (processor, lite_processor):
         outcome, result = call_outcome(
             proc, text=text, images=image, regions=[[1, 1, 8, 8]] * num_regions, return_tensors="pt"
@@ -248,8 +264,9 @@ frame_keys = st.one_of(
     timestamps=st.one_of(st.none(), st.lists(st.floats(), max_size=4), st.text(max_size=3), st.integers()),
     multi_frame_regions=st.booleans(),
 )
-def test_any_video_gives_tokens_or_an_error_naming_the_sample(processor, num_frames, region, timestamps,
-                                                              multi_frame_regions):
+def test_any_video_gives_tokens_or_an_error_naming_the_sample(
+    processor, num_frames, region, timestamps, multi_frame_regions
+):
     frames = [IMAGE] * num_frames
     text = "<|im_start|>user\n<video>\nWhere is <region>?<|im_end|>\n<|im_start|>assistant\n"
     outcome, result = call_outcome(
@@ -403,10 +420,16 @@ def test_very_large_images_are_resized_within_the_budget_or_refused_without_a_co
 def test_tensors_without_dense_data_are_clear_errors(processor):
     image = torch.rand(3, HEIGHT, WIDTH)
     cases = {
-        "image 0: got a meta tensor": {"images": torch.empty(3, HEIGHT, WIDTH, device="meta"), "regions": [[0, 0, 4, 4]]},
+        "image 0: got a meta tensor": {
+            "images": torch.empty(3, HEIGHT, WIDTH, device="meta"),
+            "regions": [[0, 0, 4, 4]],
+        },
         "image 0: got a torch.sparse_coo tensor": {"images": image.to_sparse(), "regions": [[0, 0, 4, 4]]},
         "region 0: got a meta tensor": {"images": image, "regions": [torch.ones(HEIGHT, WIDTH, device="meta")]},
-        "region 0: got a torch.sparse_coo tensor": {"images": image, "regions": [torch.ones(HEIGHT, WIDTH).to_sparse()]},
+        "region 0: got a torch.sparse_coo tensor": {
+            "images": image,
+            "regions": [torch.ones(HEIGHT, WIDTH).to_sparse()],
+        },
     }
     for message, inputs in cases.items():
         with pytest.raises(ValueError, match=f"sample 0, {message}"):

@@ -142,7 +142,14 @@ def test_training_rows_collate_with_answer_labels():
 
 def test_size_buckets_and_scoring():
     assert [size_bucket(s) for s in (8, 15, 16, 31, 32, 63, 64, 100)] == [
-        "<16px", "<16px", "16-32px", "16-32px", "32-64px", "32-64px", ">=64px", ">=64px"
+        "<16px",
+        "<16px",
+        "16-32px",
+        "16-32px",
+        "32-64px",
+        "32-64px",
+        ">=64px",
+        ">=64px",
     ]
     assert normalize_answer("  A Red Circle. ") == "a red circle"
     items = shapes_questions(4, num_per_kind=2)
@@ -170,7 +177,9 @@ def test_bundled_example_image_is_the_example_scene():
         # The README's boxes are [left, top, left + size, top + size]: the mask fills them (a triangle's apex row may
         # hold no pixel centre).
         assert rows.min() in (top, top + 1) and (cols.min(), rows.max() + 1, cols.max() + 1) == (
-            left, top + size, left + size
+            left,
+            top + size,
+            left + size,
         )
 
 
@@ -199,7 +208,9 @@ def test_demo_config_drives_the_processor():
     assert config.image_processor_kwargs()["merge_size"] == 2
     scene = example_scene()
     inputs = processor(
-        text=["<image>What is <region>?"], images=[scene.frames[0]], regions=[[scene.objects[0].masks[0]]],
+        text=["<image>What is <region>?"],
+        images=[scene.frames[0]],
+        regions=[[scene.objects[0].masks[0]]],
         return_tensors="pt",
     )
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == 64  # 16 x 16 patches pooled 2 x 2

@@ -47,7 +47,6 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 
-
 def __getattr__(name: str):
     # The collator reads training rows with `datasets` (the `train` extra): imported on first use only.
     if name == "PixelReferDataCollator":

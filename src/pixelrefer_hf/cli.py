@@ -283,9 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(handler=_ask)
 
     info = commands.add_parser("info", help="describe a checkpoint: variant, sizes, token budget, attention")
-    info.add_argument(
-        "model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP
-    )
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     info.add_argument("--json", action="store_true", help="print a JSON object")
     info.set_defaults(handler=_info)
 

@@ -164,8 +164,10 @@ class PixelReferDataCollator:
         if not any(message["role"] == "assistant" for message in conversation):
             raise ValueError("the conversation has no assistant turn, so nothing would be trained")
         if num_placeholders != len(regions):
-            raise ValueError(f"the conversation has {num_placeholders} {REGION_PLACEHOLDER} placeholders but the row "
-                             f"has {len(regions)} regions")
+            raise ValueError(
+                f"the conversation has {num_placeholders} {REGION_PLACEHOLDER} placeholders but the row "
+                f"has {len(regions)} regions"
+            )
         if media is not None and not num_tags:
             # Official convention: the visual block opens the first user turn when the text does not place it.
             first_user = next((m for m in conversation if m["role"] == "user"), None)

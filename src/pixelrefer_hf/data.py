@@ -272,8 +272,10 @@ def row_regions(row: dict) -> list:
     if row_regions_value is None:
         row_regions_value = []
     if not isinstance(row_regions_value, (list, tuple)):
-        raise ValueError(f"'regions' must be a list (per region a list of {{'frame', 'rle'}} masks), got "
-                         f"{type(row_regions_value).__name__}")
+        raise ValueError(
+            f"'regions' must be a list (per region a list of {{'frame', 'rle'}} masks), got "
+            f"{type(row_regions_value).__name__}"
+        )
     for j, entries in enumerate(row_regions_value):
         if not isinstance(entries, (list, tuple)) or not all(isinstance(entry, dict) for entry in entries):
             raise ValueError(f"region {j} must be a list of {{'frame', 'rle'}} dicts, got {type(entries).__name__}")
@@ -464,8 +466,14 @@ def convert_official_sample(
             [{"frame": 0, "rle": official_mask_to_rle(mask, height, width, f"{where}, region {j}")}]
             for j, mask in enumerate(masks)
         ]
-        return {"id": row_id, "image": str(image_path), "frames": [], "timestamps": [], "regions": regions,
-                "messages": messages}
+        return {
+            "id": row_id,
+            "image": str(image_path),
+            "frames": [],
+            "timestamps": [],
+            "regions": regions,
+            "messages": messages,
+        }
 
     video = sample.get("video")
     if video is None:
@@ -514,8 +522,14 @@ def convert_official_sample(
                 for k, m in entries
             ]
         )
-    return {"id": row_id, "image": None, "frames": frames, "timestamps": [float(t) for t in timestamps],
-            "regions": regions, "messages": messages}
+    return {
+        "id": row_id,
+        "image": None,
+        "frames": frames,
+        "timestamps": [float(t) for t in timestamps],
+        "regions": regions,
+        "messages": messages,
+    }
 
 
 def load_official_annotations(

@@ -70,8 +70,12 @@ DEMO_DEFAULTS = {
 def demo_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
     """The configuration of the demo checkpoints, with token ids from `tokenizer` (the tiny offline one by default)."""
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    text_config = {**DEMO_TEXT_CONFIG, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                   "pad_token_id": tokenizer.pad_token_id}
+    text_config = {
+        **DEMO_TEXT_CONFIG,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     return PixelReferConfig(
         variant=variant,
         text_config=text_config,
@@ -254,4 +258,3 @@ __all__ = [
     "is_bundled_checkpoint_folder",
     "replace_card_results",
 ]
-

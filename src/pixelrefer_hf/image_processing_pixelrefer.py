@@ -526,7 +526,9 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
         if object_crop not in OBJECT_CROPS:
             raise ValueError(f"object_crop must be one of {OBJECT_CROPS}, got {object_crop!r}")
-        limits = dict(zip(RESOURCE_LIMITS, (max_image_pixels, max_regions_per_sample, max_video_frames, max_prompt_chars)))
+        limits = dict(
+            zip(RESOURCE_LIMITS, (max_image_pixels, max_regions_per_sample, max_video_frames, max_prompt_chars))
+        )
         for name, value in limits.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -619,7 +621,9 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
             for k, image in enumerate(image_list):
                 self.check_image_pixels(image, f"{where}, image {k}")
             frames = [to_rgb_array(image, f"{where}, image {k}") for k, image in enumerate(image_list)]
-            if video_timestamps is not None and not (hasattr(video_timestamps, "__len__") and len(video_timestamps) == 0):
+            if video_timestamps is not None and not (
+                hasattr(video_timestamps, "__len__") and len(video_timestamps) == 0
+            ):
                 raise ValueError(f"{where}: video_timestamps were given but the sample has no video")
             timestamps = []
 

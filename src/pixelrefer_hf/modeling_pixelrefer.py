@@ -341,7 +341,6 @@ class PixelReferObjectTokenizer(nn.Module):
         return self.projector(flat)
 
 
-
 class PixelReferCrossAttention(nn.Module):
     """Multi-head cross-attention from object tokens to context features, dispatched through transformers' attention
     interface. The parameters are those of `nn.MultiheadAttention`, with its packed `in_proj` split into q/k/v."""
@@ -413,7 +412,9 @@ class PixelReferCrossAttention(nn.Module):
             gather = (starts[:, None] + offsets[None, :]).clamp(max=len(context) - 1)
             attention_mask = None
             if not bool(present.all()):
-                attention_mask = torch.zeros(num_objects, 1, n, max_length, dtype=query_states.dtype, device=queries.device)
+                attention_mask = torch.zeros(
+                    num_objects, 1, n, max_length, dtype=query_states.dtype, device=queries.device
+                )
                 attention_mask.masked_fill_(~present[:, None, None, :], torch.finfo(query_states.dtype).min)
             output, _ = interface(
                 self,
@@ -525,7 +526,9 @@ class PixelReferModel(PixelReferPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def encode_images(self, groups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def encode_images(
+        self, groups: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         """Encode named groups of images (global images, crops, context images) in ONE packed tower call.
 
         Each group is `(pixel_values (sum patches, 3 * p * p), grid_thw (num_images, 3), merge_sizes (num_images,))`.
@@ -604,12 +607,23 @@ class PixelReferModel(PixelReferPreTrainedModel):
         Lite context images): `(num_object_tokens, text_hidden)` in crop order, the rows `forward` places on the
         `<REGION>` tokens. For training or probing the object side on its own."""
         groups = self._region_tower_groups(
-            region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
-            region_global_pixel_values, region_global_grid_thw,
+            region_pixel_values,
+            region_grid_thw,
+            region_local_pixel_values,
+            region_local_grid_thw,
+            region_global_pixel_values,
+            region_global_grid_thw,
         )
         return self._object_embeddings(
-            self.encode_images(groups), region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
-            region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
+            self.encode_images(groups),
+            region_grid_thw,
+            region_patch_masks,
+            region_boxes,
+            region_image_sizes,
+            region_local_grid_thw,
+            region_local_index,
+            region_global_grid_thw,
+            region_global_index,
         )
 
     @can_return_tuple
@@ -633,7 +647,11 @@ class PixelReferModel(PixelReferPreTrainedModel):
                 "reach the model only through regions (`get_region_features`)."
             )
         vision_outputs = self.vision_model(
-            pixel_values=pixel_values, grid_thw=image_grid_thw, merge_sizes=image_merge_sizes, return_dict=True, **kwargs
+            pixel_values=pixel_values,
+            grid_thw=image_grid_thw,
+            merge_sizes=image_merge_sizes,
+            return_dict=True,
+            **kwargs,
         )
         return self._project_image_features(vision_outputs, image_grid_thw, image_merge_sizes)
 
@@ -723,8 +741,12 @@ class PixelReferModel(PixelReferPreTrainedModel):
             groups["images"] = (pixel_values, image_grid_thw, image_merge_sizes)
         if has_regions:
             groups |= self._region_tower_groups(
-                region_pixel_values, region_grid_thw, region_local_pixel_values, region_local_grid_thw,
-                region_global_pixel_values, region_global_grid_thw,
+                region_pixel_values,
+                region_grid_thw,
+                region_local_pixel_values,
+                region_local_grid_thw,
+                region_global_pixel_values,
+                region_global_grid_thw,
             )
         encoded = self.encode_images(groups)
         # Placeholder slots are found before any feature is written: once written, an embedding-based search would
@@ -738,12 +760,21 @@ class PixelReferModel(PixelReferPreTrainedModel):
             image_embeds = torch.cat(image_features.pooler_output).to(inputs_embeds.dtype)
             if image_keep_mask is not None:
                 image_embeds = image_embeds[image_keep_mask.to(image_embeds.device)]
-            slots = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image")
+            slots = self.get_placeholder_mask(
+                input_ids, inputs_embeds, self.config.image_token_id, image_embeds, "image"
+            )
             merged = merged.masked_scatter(slots[..., None].to(merged.device), image_embeds)
         if has_regions:
             object_embeds = self._object_embeddings(
-                encoded, region_grid_thw, region_patch_masks, region_boxes, region_image_sizes,
-                region_local_grid_thw, region_local_index, region_global_grid_thw, region_global_index,
+                encoded,
+                region_grid_thw,
+                region_patch_masks,
+                region_boxes,
+                region_image_sizes,
+                region_local_grid_thw,
+                region_local_index,
+                region_global_grid_thw,
+                region_global_index,
             ).to(inputs_embeds.dtype)
             slots = self.get_placeholder_mask(
                 input_ids, inputs_embeds, self.config.region_token_id, object_embeds, "region"
@@ -987,7 +1018,9 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             for module in training_modules:
                 module.train()
 
-    def _get_logits_processor(self, generation_config, input_ids_seq_length=None, *args, **kwargs) -> LogitsProcessorList:
+    def _get_logits_processor(
+        self, generation_config, input_ids_seq_length=None, *args, **kwargs
+    ) -> LogitsProcessorList:
         """Placeholder tokens are never generated, and the repetition penalty sees the generated tokens only, unless
         the generation config says otherwise.
 
@@ -1013,7 +1046,11 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         return processors
 
     def _expand_inputs_for_generation(
-        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None, **kwargs
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **kwargs,
     ):
         """Beam search and `num_return_sequences` repeat every sample `expand_size` times.
 

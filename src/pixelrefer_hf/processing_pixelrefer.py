@@ -251,7 +251,9 @@ class PixelReferProcessor(ProcessorMixin):
                     f"{num_regions} regions were given"
                 )
         sample = self.image_processor.prepare_sample(index, images, video, regions, video_timestamps)
-        self.check_region_frames(where, [[frame for frame, _ in frames] for frames in sample.regions], multi_frame_regions)
+        self.check_region_frames(
+            where, [[frame for frame, _ in frames] for frames in sample.regions], multi_frame_regions
+        )
         if text is not None:
             self._check_visual_tags(where, text, sample)
         return sample

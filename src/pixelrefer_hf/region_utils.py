@@ -233,8 +233,7 @@ def _binarize(array: np.ndarray, where: str) -> np.ndarray:
 def _check_size(mask_size: tuple[int, ...], image_size: tuple[int, int], what: str, where: str) -> None:
     if tuple(mask_size) != tuple(image_size):
         raise ValueError(
-            f"{where}: {what} is {mask_size[0]}x{mask_size[1]} but the image is {image_size[0]}x{image_size[1]} "
-            "(H x W)"
+            f"{where}: {what} is {mask_size[0]}x{mask_size[1]} but the image is {image_size[0]}x{image_size[1]} (H x W)"
         )
 
 

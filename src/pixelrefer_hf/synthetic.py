@@ -126,6 +126,7 @@ def shape_mask(shape: str, top: float, left: float, size: int, height: int, widt
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A plain, noisy, striped, checked or graded background in unsaturated colours, `(H, W, 3)` uint8."""
+
     def muted_color() -> np.ndarray:
         # A grey level plus a small tint: saturation stays far below that of any shape colour.
         return rng.uniform(55, 200) + rng.uniform(-22, 22, size=3)
@@ -174,7 +175,9 @@ def _overlaps(box: Box, boxes: list[Box], gap: float) -> bool:
 
 
 def draw_image_scene(
-    rng: np.random.Generator, image_size: int = IMAGE_SIZE, num_shapes: tuple[int, int] = (3, 6),
+    rng: np.random.Generator,
+    image_size: int = IMAGE_SIZE,
+    num_shapes: tuple[int, int] = (3, 6),
     tiny_fraction: float = 0.3,
 ) -> ShapeScene:
     """A still scene of `num_shapes[0]..num_shapes[1]` non-overlapping shapes (fewer when big shapes fill it)."""
@@ -201,7 +204,9 @@ def draw_image_scene(
 
 
 def draw_video_scene(
-    rng: np.random.Generator, image_size: int = IMAGE_SIZE, num_frames: int = NUM_VIDEO_FRAMES,
+    rng: np.random.Generator,
+    image_size: int = IMAGE_SIZE,
+    num_frames: int = NUM_VIDEO_FRAMES,
     num_shapes: tuple[int, int] = (2, 4),
 ) -> ShapeScene:
     """A video of shapes moving in straight lines at constant speed over a still background.
@@ -294,7 +299,10 @@ def _regions_of(scene: ShapeScene, object_indices: list[int]) -> list:
 
 
 def shapes_region_chat_dataset(
-    num_rows: int, seed: int = 0, video_fraction: float = 0.25, max_questions_per_row: int = 4,
+    num_rows: int,
+    seed: int = 0,
+    video_fraction: float = 0.25,
+    max_questions_per_row: int = 4,
     decode_images: bool = False,
 ):
     """Training conversations about synthetic scenes, in the region-chat schema of `pixelrefer_hf.data`.
@@ -320,8 +328,9 @@ def shapes_region_chat_dataset(
         else:
             media = {"image": PILImage.fromarray(scene.frames[0])}
         rows.append(
-            make_region_chat_row(messages, regions=_regions_of(scene, object_indices), id=f"shapes-{seed}-{index}",
-                                 **media)
+            make_region_chat_row(
+                messages, regions=_regions_of(scene, object_indices), id=f"shapes-{seed}-{index}", **media
+            )
         )
     return build_region_chat_dataset(rows, decode_images)
 
@@ -341,10 +350,17 @@ class ShapesEvalItem:
     def inputs(self) -> dict:
         """Keyword arguments of `pipeline("region-qa")` for this question."""
         if self.scene.is_video:
-            return {"video": [PILImage.fromarray(f) for f in self.scene.frames], "regions": self.regions,
-                    "question": self.question.question, "video_timestamps": self.scene.timestamps}
-        return {"image": PILImage.fromarray(self.scene.frames[0]), "regions": self.regions,
-                "question": self.question.question}
+            return {
+                "video": [PILImage.fromarray(f) for f in self.scene.frames],
+                "regions": self.regions,
+                "question": self.question.question,
+                "video_timestamps": self.scene.timestamps,
+            }
+        return {
+            "image": PILImage.fromarray(self.scene.frames[0]),
+            "regions": self.regions,
+            "question": self.question.question,
+        }
 
 
 def shapes_questions(

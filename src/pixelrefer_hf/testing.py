@@ -40,8 +40,12 @@ TINY_DEFAULTS = {"num_object_tokens": 8, "oci_num_heads": 2, "max_visual_tokens"
 def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
     """A PixelRefer config with 2-layer towers whose token ids come from `tokenizer` (the tiny one by default)."""
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    text_config = {**TINY_TEXT_CONFIG, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                   "pad_token_id": tokenizer.pad_token_id}
+    text_config = {
+        **TINY_TEXT_CONFIG,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     values = {
         "variant": variant,
         "text_config": text_config,
