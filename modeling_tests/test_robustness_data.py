@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pixelrefer_hf import PixelReferDataCollator
-from pixelrefer_hf.data import convert_official_sample
+from pixelrefer_hf.data import convert_official_sample, make_region_chat_row
 from pixelrefer_hf.region_utils import rle_encode
 from pixelrefer_hf.testing import tiny_model_and_processor
 
@@ -206,3 +206,30 @@ def test_malformed_official_annotations_convert_or_name_the_annotation(tmp_path_
     else:
         assert isinstance(row["messages"], list) and row["messages"]
         assert any(message["role"] == "assistant" for message in row["messages"])
+
+
+@pytest.mark.parametrize(
+    ("roles", "message"),
+    [
+        (["assistant", "user"], "turn 0 is a 'assistant' turn where a 'user' turn belongs"),
+        (["user", "user", "assistant"], "turn 1 is a 'user' turn where a 'assistant' turn belongs"),
+        (["user", "assistant", "assistant"], "turn 2 is a 'assistant' turn where a 'user' turn belongs"),
+        (["user", "system", "assistant"], "turn 1 is a 'system' turn where a 'assistant' turn belongs"),
+    ],
+)
+def test_conversations_that_do_not_alternate_are_named_errors(processor, roles, message):
+    turns = [{"role": role, "content": "What is <region>?" if k == 0 else "An answer."} for k, role in enumerate(roles)]
+    row = make_region_chat_row(turns, image=IMAGE, regions=[[2, 2, 20, 20]], id="odd")
+    with pytest.raises(ValueError, match=message):
+        PixelReferDataCollator(processor)([row])
+    fine = make_region_chat_row(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is <region>?"},
+            {"role": "assistant", "content": "A box."},
+        ],
+        image=IMAGE,
+        regions=[[2, 2, 20, 20]],
+        id="fine",
+    )
+    assert PixelReferDataCollator(processor)([fine])["input_ids"].shape[0] == 1

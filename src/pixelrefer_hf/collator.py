@@ -147,6 +147,17 @@ class PixelReferDataCollator:
             role, content = message.get("role"), message.get("content")
             if role not in ROLES or not isinstance(content, str):
                 raise ValueError(f"turn {k} must have a role system / user / assistant and a string content")
+            # System turns open the conversation; then user and assistant alternate, the user first. A row that
+            # breaks this would train answers to questions it never asked.
+            if role == "system" and all(turn["role"] == "system" for turn in conversation):
+                expected_role = "system"
+            else:
+                expected_role = "assistant" if conversation and conversation[-1]["role"] == "user" else "user"
+            if role != expected_role:
+                raise ValueError(
+                    f"turn {k} is a {role!r} turn where a {expected_role!r} turn belongs (after optional system turns, "
+                    "user and assistant turns alternate, starting with the user)"
+                )
             if role == "assistant" and (REGION_PLACEHOLDER in content or _TAG_PATTERN.search(content)):
                 raise ValueError(f"turn {k}: an assistant answer cannot hold {REGION_PLACEHOLDER} or visual tags")
             num_placeholders += content.count(REGION_PLACEHOLDER)
