@@ -5,9 +5,10 @@ batch / a converted row or a `ValueError` naming it; with `skip_bad_samples=True
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from property_settings import fixed
 
 from pixelrefer_hf import PixelReferDataCollator
 from pixelrefer_hf.data import convert_official_sample, make_region_chat_row
@@ -30,16 +31,6 @@ GOOD_ROW = {
         {"role": "assistant", "content": "A box."},
     ],
 }
-
-
-def fixed(max_examples: int) -> settings:
-    return settings(
-        derandomize=True,
-        max_examples=max_examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
 
 
 @pytest.fixture(scope="module")

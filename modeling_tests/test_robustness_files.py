@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from property_settings import fixed
 from safetensors.torch import save_file
 
 from pixelrefer_hf import PixelReferImageProcessor, PixelReferProcessor, RegionQAPipeline
@@ -22,16 +23,6 @@ from pixelrefer_hf.testing import tiny_model_and_processor
 from pixelrefer_hf.video_io import av, read_video
 
 IMAGE = np.random.default_rng(1).integers(0, 256, (20, 28, 3), dtype=np.uint8)
-
-
-def fixed(max_examples: int) -> settings:
-    return settings(
-        derandomize=True,
-        max_examples=max_examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
 
 
 def encoded(fmt: str) -> bytes:

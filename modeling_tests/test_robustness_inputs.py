@@ -8,26 +8,16 @@ bounded number of examples, so CI sees the same cases every time.
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
+from property_settings import fixed
 
 from pixelrefer_hf import RegionQAPipeline
 from pixelrefer_hf.testing import tiny_model_and_processor
 
 HEIGHT, WIDTH = 24, 30
-
-
-def fixed(max_examples: int) -> settings:
-    """A fixed seed and a bounded budget: CI runs the same cases every time."""
-    return settings(
-        derandomize=True,
-        max_examples=max_examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 PROMPT = "<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
