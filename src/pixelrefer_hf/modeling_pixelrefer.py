@@ -1076,8 +1076,13 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         kwargs.update(packed)
         return input_ids, kwargs
 
-    def _placeholder_ids(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.config.image_token_id, self.config.region_token_id], device=device)
+    def _prompt_already_cached(self, step_ids: torch.Tensor | None, past_key_values: Cache | None) -> bool:
+        """Whether a first step continues from a cache that already holds the prompt's placeholders (its new ids
+        hold none)."""
+        if step_ids is None or past_key_values is None or past_key_values.get_seq_length() == 0:
+            return False
+        placeholders = torch.tensor([self.config.image_token_id, self.config.region_token_id], device=step_ids.device)
+        return not bool(torch.isin(step_ids, placeholders).any())
 
     def prepare_inputs_for_generation(
         self,
@@ -1099,14 +1104,10 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         )
         # Images and regions are consumed by the prefill step; decoding steps only extend the KV cache. A call that
         # continues from a cache already holding the prompt (its ids hold no placeholder any more) drops them too.
-        step_ids = model_inputs.get("input_ids")
-        continues_a_cache = (
-            step_ids is not None
-            and past_key_values is not None
-            and past_key_values.get_seq_length() > 0
-            and not bool(torch.isin(step_ids, self._placeholder_ids(step_ids.device)).any())
-        )
-        if (not is_first_iteration and kwargs.get("use_cache", True)) or continues_a_cache:
+        decoding_with_cache = not is_first_iteration and kwargs.get("use_cache", True)
+        if decoding_with_cache or (
+            is_first_iteration and self._prompt_already_cached(model_inputs.get("input_ids"), past_key_values)
+        ):
             for name in [name for name in model_inputs if name.startswith(MULTIMODAL_INPUT_PREFIXES)]:
                 del model_inputs[name]
         elif not is_first_iteration and prompt_embeds is not None:
