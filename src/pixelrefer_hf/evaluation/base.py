@@ -1,0 +1,92 @@
+"""What every benchmark of `pixelrefer eval` is made of.
+
+A benchmark turns its official annotation files into `EvalItem`s (one question about one image or video), and turns
+the lines of `predictions.jsonl` back into metrics. The runner in between owns everything else: batching through the
+region-qa pipeline, resuming, sharding over processes, and writing results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class EvalDataError(ValueError):
+    """A benchmark file or item that cannot be used; the message names the file and the item."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None, item: str | None = None):
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if item is not None:
+            where.append(f"item {item}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.file = None if file is None else str(file)
+        self.item = item
+
+
+@dataclass
+class EvalItem:
+    """One question of a benchmark, ready for the region-qa pipeline."""
+
+    # Unique within the benchmark; the key of predictions.jsonl, so resuming and merging shards rely on it.
+    id: str
+    # The prompt, with one `<region>` placeholder per entry of `regions`, in order.
+    question: str
+    # Pipeline region values: boxes [x0, y0, x1, y1], COCO RLE dicts, {"polygons": ...}, or {frame_index: region}
+    # for videos. Kept as loaded (JSON-like), decoded by the pipeline.
+    regions: list[Any]
+    # Local path of the image, or None for a video item.
+    image: str | None = None
+    # Local path of the video file, or a list of frame image paths, or None for an image item.
+    video: str | list[str] | None = None
+    # What scoring compares against (an answer string, a caption list, an option letter ...); JSON-serialisable.
+    reference: Any = None
+    # Anything else scoring or reporting needs (question type, category, options); JSON-serialisable.
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreOptions:
+    """What scoring may need beyond the predictions themselves."""
+
+    # The run folder; a judge keeps its reply cache under `run_dir / "judge_cache"`.
+    run_dir: Path | None = None
+    # Sentence-transformers model (local folder or name) for SSim; None means the packaged all-MiniLM-L6-v2.
+    ssim_model: str | None = None
+    # OpenAI-compatible judge endpoint, model name, and the environment variable that holds the key.
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    # Seconds per judge request, and how many attempts before a request counts as failed.
+    judge_timeout: float = 60.0
+    judge_max_attempts: int = 3
+
+
+class Benchmark:
+    """One benchmark: how to read its files, how to ask, how to score.
+
+    A prediction record (one line of predictions.jsonl) is a dict with at least `id`, `prediction` (the answer text,
+    or None), `reference` and `meta` copied from the item, and `error` (None, or the message of an item that failed
+    with --skip-bad-items). `score` must count error records and leave them out of the averages, never score them 0.
+    """
+
+    # The name on the command line: `pixelrefer eval NAME`.
+    name: str = ""
+    # One line for `pixelrefer eval --help`.
+    description: str = ""
+    # Keyword arguments for generate (max_new_tokens, do_sample, ...), the official settings for this benchmark.
+    generation_kwargs: dict[str, Any] = {}
+    # Whether scoring needs an LLM judge (then ScoreOptions.judge_base_url and judge_model are required).
+    needs_judge: bool = False
+    # Published numbers to print beside a run: {model name: {metric name: value}}.
+    paper_numbers: dict[str, dict[str, float]] = {}
+
+    def load(self, data: Path) -> list[EvalItem]:
+        """Read the benchmark's annotation file (or folder) into items; raise EvalDataError naming file and item."""
+        raise NotImplementedError
+
+    def score(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, Any]:
+        """Metrics from prediction records: a flat dict of metric name to number, plus counts."""
+        raise NotImplementedError
