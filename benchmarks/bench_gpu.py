@@ -23,7 +23,7 @@ from bench_utils import add_run_arguments, best_seconds, markdown_table, parse_r
 from transformers.utils import is_flash_attn_2_available
 
 from pixelrefer_hf import PixelReferForConditionalGeneration
-from pixelrefer_hf.testing import processor_for_config, tiny_config
+from pixelrefer_hf.testing import TINY_IMAGE_PROCESSOR_OPTIONS, processor_for_config, tiny_config
 from pixelrefer_hf.tokenizer_assets import build_tiny_tokenizer
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
@@ -51,7 +51,8 @@ def build(size: str, variant: str, attention: str, device: str, dtype: torch.dty
         torch.set_default_dtype(previous_dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, processor_for_config(config, tokenizer)
+    options = TINY_IMAGE_PROCESSOR_OPTIONS if size == "tiny" else {}
+    return model, processor_for_config(config, tokenizer, **options)
 
 
 def prefill(model, inputs) -> None:

@@ -181,7 +181,9 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     started = time.monotonic()
 
     # Model: every weight random, seeded.
-    config, processor = demo_config_and_processor(shapes_args.variant, object_crop=shapes_args.object_crop)
+    config, processor = demo_config_and_processor(
+        shapes_args.variant, image_processor_options={"object_crop": shapes_args.object_crop}
+    )
     torch.manual_seed(training_args.seed)
     model = PixelReferForConditionalGeneration(config)
     if shapes_args.position_init_std:

@@ -121,8 +121,11 @@ def test_converted_model_equals_the_model_the_official_weights_describe(variant,
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     assert isinstance(processor, PixelReferProcessor)
     assert model.config.variant == variant
-    assert (model.config.num_object_tokens, model.config.max_visual_tokens) == (8, 1024)
-    assert model.config.legacy_box_position and model.config.legacy_local_crop_reuse == (variant == "pixelrefer-lite")
+    image_processor = processor.image_processor
+    assert (model.config.num_object_tokens, image_processor.max_visual_tokens) == (8, 1024)
+    assert model.config.legacy_box_position and image_processor.legacy_local_crop_reuse == (
+        variant == "pixelrefer-lite"
+    )
     assert model.config.image_token_id == reference.config.image_token_id
     assert model.config.region_token_id == reference.config.region_token_id
 

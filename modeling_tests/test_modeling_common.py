@@ -33,7 +33,13 @@ from transformers.utils import TransformersKwargs
 
 from pixelrefer_hf import PixelReferForConditionalGeneration, PixelReferModel
 from pixelrefer_hf.synthetic import example_scene
-from pixelrefer_hf.testing import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, processor_for_config, tiny_config
+from pixelrefer_hf.testing import (
+    TINY_IMAGE_PROCESSOR_OPTIONS,
+    TINY_TEXT_CONFIG,
+    TINY_VISION_CONFIG,
+    processor_for_config,
+    tiny_config,
+)
 from pixelrefer_hf.tokenizer_assets import build_tiny_tokenizer
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
@@ -229,7 +235,7 @@ def _processed(processor_kwargs: tuple, indices: tuple[int, ...], padding_side: 
     config_kwargs = dict(processor_kwargs)
     config = tiny_config(config_kwargs.pop("variant"), tiny_tokenizer())
     assert config.image_processor_kwargs() == {**config_kwargs, "variant": config.variant}, "non-default processor"
-    processor = processor_for_config(config, tiny_tokenizer())
+    processor = processor_for_config(config, tiny_tokenizer(), **TINY_IMAGE_PROCESSOR_OPTIONS)
     return batch_inputs(processor, [example_items()[i] for i in indices], padding_side)
 
 
@@ -410,8 +416,9 @@ def test_config_save_load_round_trip(tester, tmp_path):
     reloaded = type(config).from_pretrained(tmp_path)
     assert reloaded.to_dict() == config.to_dict()
     assert json.loads(config.to_json_string())["variant"] == tester.variant
-    # Variant-dependent defaults are resolved and saved, and sub-configs keep their types.
-    assert reloaded.kmeans_iterations == config.kmeans_iterations and reloaded.max_object_patches is not None
+    # The variant-dependent default is resolved and saved, and sub-configs keep their types.
+    assert reloaded.kmeans_iterations == config.kmeans_iterations == (3 if tester.variant == "pixelrefer-lite" else 5)
+    assert "kmeans_iterations" in json.loads(config.to_json_string())
     assert type(reloaded.text_config) is type(config.text_config)
     assert type(reloaded.vision_config) is type(config.vision_config)
 
@@ -1076,7 +1083,7 @@ def test_generate_from_inputs_embeds_with_images_and_regions(tester, settings):
 
 def test_generate_from_text_only_inputs_embeds(tester):
     """The plain LLM path (no images, no regions): the same tokens from embeddings as from ids."""
-    processor = processor_for_config(tester.get_config(), tester.tokenizer)
+    processor = processor_for_config(tester.get_config(), tester.tokenizer, **TINY_IMAGE_PROCESSOR_OPTIONS)
     prompts = ["<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHi<|im_end|>\n"]
     inputs = dict(processor(text=prompts, padding=True, padding_side="left", return_tensors="pt"))
     model = tester.create_model()

@@ -200,12 +200,13 @@ def test_frame_object_crop_is_plain_mask_pooling_at_native_scale():
         PixelReferImageProcessor(object_crop="tile")
 
 
-def test_demo_config_drives_the_processor():
-    """`image_merge_size` and `object_crop` are config fields: the processor built from the config follows them."""
-    config, processor = demo_config_and_processor("pixelrefer", object_crop="frame")
+def test_demo_processor_options_drive_the_processor():
+    """`merge_size` and `object_crop` are image processor options: the demo's processor follows them, and the
+    config (which owns only what the model reads) neither holds nor accepts a copy."""
+    config, processor = demo_config_and_processor("pixelrefer", image_processor_options={"object_crop": "frame"})
     image_processor = processor.image_processor
     assert (image_processor.merge_size, image_processor.object_crop) == (2, "frame")
-    assert config.image_processor_kwargs()["merge_size"] == 2
+    assert not hasattr(config, "object_crop") and "merge_size" not in config.to_dict()
     scene = example_scene()
     inputs = processor(
         text=["<image>What is <region>?"],
@@ -214,5 +215,5 @@ def test_demo_config_drives_the_processor():
         return_tensors="pt",
     )
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == 64  # 16 x 16 patches pooled 2 x 2
-    with pytest.raises(ValueError, match="`object_crop` must be one of"):
-        PixelReferConfig(object_crop="tile")
+    # A config saved before the move (with processor fields) still loads, without the stale copies.
+    assert not hasattr(PixelReferConfig(object_crop="tile", max_visual_tokens=5), "max_visual_tokens")

@@ -169,8 +169,9 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_model(model) -> dict:
-    """Variant, sizes, token budget and attention implementation of a PixelRefer model, as a JSON-able dict."""
+def describe_model(model, processor) -> dict:
+    """Variant, sizes, token budget (the processor's) and attention implementation of a PixelRefer model, as a
+    JSON-able dict."""
     config = model.config
     parts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.model.named_children()}
     parts["lm_head"] = 0 if config.tie_word_embeddings else model.lm_head.weight.numel()
@@ -197,16 +198,16 @@ def describe_model(model) -> dict:
         },
         "token_budget": {
             "num_object_tokens": config.num_object_tokens,
-            "max_visual_tokens": config.max_visual_tokens,
-            "max_object_patches": config.max_object_patches,
+            "max_visual_tokens": processor.image_processor.max_visual_tokens,
+            "max_object_patches": processor.image_processor.max_object_patches,
         },
         "attn_implementation": config._attn_implementation,
     }
 
 
 def _info(args: argparse.Namespace) -> int:
-    model, _ = load_model_and_processor(args.model)
-    info = {"model": args.model, **describe_model(model)}
+    model, processor = load_model_and_processor(args.model)
+    info = {"model": args.model, **describe_model(model, processor)}
     if args.json:
         print(json.dumps(info))
         return 0

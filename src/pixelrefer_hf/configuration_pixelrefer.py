@@ -1,8 +1,10 @@
 """Configuration of PixelRefer (Vision-Object) and PixelRefer-Lite (Object-Only).
 
-Every constant of the released models lives here as a typed field, so that `config.json` describes the model
-completely. Fields marked "processor" are not read by the modeling code; `PixelReferConfig.image_processor_kwargs()`
-hands them to `PixelReferImageProcessor`, which keeps the crops and the token counts consistent with the model.
+Every constant the modeling code reads lives here as a typed field. The preprocessing constants (crop scales,
+context, budgets, merge sizes, token compression) belong to `PixelReferImageProcessor` and are saved in
+`processor_config.json`. Two facts are needed on both sides: `variant` and `num_object_tokens` are owned here; the
+image processor takes them from `PixelReferConfig.image_processor_kwargs()` when it is built for a model, and a
+processor that disagrees with its model is refused (`check_processor_matches_config`) before anything runs.
 """
 
 from typing import ClassVar
@@ -35,7 +37,21 @@ CUSTOM_PIPELINES = {
 # configs always name it (`to_dict`).
 _LOADED_AS_REMOTE_CODE = not __name__.startswith("pixelrefer_hf.")
 KMEANS_INITS = ("linspace", "random")
-OBJECT_CROPS = ("scale_adaptive", "frame")
+# Fields of configs saved before the preprocessing constants moved to the image processor (its
+# processor_config.json holds them); dropped on load so that they cannot disagree with the processor.
+LEGACY_PROCESSOR_FIELDS = (
+    "max_object_patches",
+    "context_pixels",
+    "local_image_size",
+    "global_image_size",
+    "legacy_local_crop_reuse",
+    "max_visual_tokens",
+    "use_token_compression",
+    "token_compression_threshold",
+    "object_crop",
+    "spatial_merge_size",
+    "image_merge_size",
+)
 
 
 class PixelReferConfig(PreTrainedConfig):
@@ -66,40 +82,11 @@ class PixelReferConfig(PreTrainedConfig):
             seeded pseudo-random subset, the closest match to the official `torch.randperm` initialisation. Both are
             deterministic and batch-invariant.
         kmeans_seed (`int`, *optional*, defaults to 0): seed of the `"random"` initialisation.
-        max_object_patches (`int`, *optional*):
-            Processor. Objects covering more patches than this are downscaled to about this many (100 for PixelRefer,
-            50 for PixelRefer-Lite).
-        context_pixels (`int`, *optional*, defaults to 28):
-            Processor. Context added around an object's tight box before cropping (2 patches).
-        local_image_size (`int`, *optional*, defaults to 224):
-            Processor, Lite only. Side of the square re-encode of the object's context crop (OCI local context).
-        global_image_size (`int`, *optional*, defaults to 336):
-            Processor, Lite only. Side of the square re-encode of the whole frame (OCI global context).
         oci_num_heads (`int`, *optional*, defaults to 8): Lite only. Heads of the two OCI cross-attentions.
-        spatial_merge_size (`int`, *optional*, defaults to 2):
-            Video frames are pooled 2x2 before the LLM; still images are not merged (VideoLLaMA3 convention).
-        image_merge_size (`int`, *optional*, defaults to 1):
-            Processor. Spatial merge of still images' global tokens: 1 in the released models; the demo checkpoints
-            pool still images 2x2 like video frames to keep their LLM sequences short.
-        max_visual_tokens (`int`, *optional*, defaults to 8192):
-            Processor. Budget of global visual tokens per sample (official `mm_max_length`), shared by its images or
-            frames; object crops of a sample share the same budget in patches.
-        use_token_compression (`bool`, *optional*, defaults to `True`):
-            Processor. Drop video tokens that did not change since the previous frame (VideoLLaMA3 differential frame
-            pruning); the released weights were trained with it.
-        token_compression_threshold (`float`, *optional*, defaults to 0.1):
-            Processor. Mean absolute change (normalised pixels x 255) below which a merged video token is dropped.
         legacy_box_position (`bool`, *optional*, defaults to `True`):
             The released weights were trained with a relative position encoding whose box extents and offsets are
             transposed (row extent used for columns and vice versa). Keep `True` for converted checkpoints; `False`
             uses the geometrically correct mapping for models trained from scratch.
-        legacy_local_crop_reuse (`bool`, *optional*):
-            Processor, Lite only. The released Lite code caches the local context crop per frame, so every object after
-            the first on a frame sees the first object's crop. Defaults to `True` for Lite (what the weights saw).
-        object_crop (`str`, *optional*, defaults to `"scale_adaptive"`):
-            Processor. `"scale_adaptive"` is SAOT's object crop; `"frame"` is the plain-mask-pooling ablation (object
-            features are the masked patches of the whole frame at native scale), used by the demo checkpoints'
-            ablation only.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie `lm_head` to the input embeddings.
 
     Example:
@@ -107,8 +94,8 @@ class PixelReferConfig(PreTrainedConfig):
     ```python
     >>> from pixelrefer_hf import PixelReferConfig, PixelReferForConditionalGeneration
     >>> config = PixelReferConfig(variant="pixelrefer-lite")
-    >>> config.kmeans_iterations, config.max_object_patches
-    (3, 50)
+    >>> config.kmeans_iterations
+    3
     ```
     """
 
@@ -129,29 +116,18 @@ class PixelReferConfig(PreTrainedConfig):
     kmeans_tolerance: float = 1e-6
     kmeans_init: str = "linspace"
     kmeans_seed: int = 0
-    max_object_patches: int | None = None
-    context_pixels: int = 28
-    local_image_size: int = 224
-    global_image_size: int = 336
     oci_num_heads: int = 8
-    spatial_merge_size: int = 2
-    image_merge_size: int = 1
-    max_visual_tokens: int = 8192
-    use_token_compression: bool = True
-    token_compression_threshold: float = 0.1
     legacy_box_position: bool = True
-    legacy_local_crop_reuse: bool | None = None
-    object_crop: str = "scale_adaptive"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for name in LEGACY_PROCESSOR_FIELDS:
+            kwargs.pop(name, None)
         super().__post_init__(**kwargs)
         if self.variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
         if self.kmeans_init not in KMEANS_INITS:
             raise ValueError(f"`kmeans_init` must be one of {KMEANS_INITS}, got {self.kmeans_init!r}.")
-        if self.object_crop not in OBJECT_CROPS:
-            raise ValueError(f"`object_crop` must be one of {OBJECT_CROPS}, got {self.object_crop!r}.")
         if self.num_object_tokens < 1:
             raise ValueError(f"`num_object_tokens` must be at least 1, got {self.num_object_tokens}.")
         if self.vision_config.hidden_size % self.oci_num_heads != 0:
@@ -159,13 +135,9 @@ class PixelReferConfig(PreTrainedConfig):
                 f"`oci_num_heads` ({self.oci_num_heads}) must divide the vision width "
                 f"({self.vision_config.hidden_size})."
             )
-        # Variant-dependent defaults are resolved once here, so the saved config.json states the values in use.
+        # The variant-dependent default is resolved once here, so the saved config.json states the value in use.
         if self.kmeans_iterations is None:
             self.kmeans_iterations = 3 if self.is_lite else 5
-        if self.max_object_patches is None:
-            self.max_object_patches = 50 if self.is_lite else 100
-        if self.legacy_local_crop_reuse is None:
-            self.legacy_local_crop_reuse = self.is_lite
         # save_pretrained merges the classes' own auto classes into this map; entries loaded from a hub config win.
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         loaded_pipelines = getattr(self, "custom_pipelines", None) or {}
@@ -190,23 +162,30 @@ class PixelReferConfig(PreTrainedConfig):
         return self.variant == "pixelrefer-lite"
 
     def image_processor_kwargs(self) -> dict:
-        """The processor-side constants, to build a `PixelReferImageProcessor` that agrees with this model."""
+        """The facts this config owns that the image processor needs: build a processor for this model with
+        `PixelReferImageProcessor(**config.image_processor_kwargs(), **preprocessing_options)`."""
         return {
             "variant": self.variant,
-            "patch_size": self.vision_config.patch_size,
             "num_object_tokens": self.num_object_tokens,
-            "max_object_patches": self.max_object_patches,
-            "context_pixels": self.context_pixels,
-            "local_image_size": self.local_image_size,
-            "global_image_size": self.global_image_size,
-            "legacy_local_crop_reuse": self.legacy_local_crop_reuse,
-            "max_visual_tokens": self.max_visual_tokens,
-            "video_merge_size": self.spatial_merge_size,
-            "merge_size": self.image_merge_size,
-            "use_token_compression": self.use_token_compression,
-            "token_compression_threshold": self.token_compression_threshold,
-            "object_crop": self.object_crop,
+            "patch_size": self.vision_config.patch_size,
         }
 
 
-__all__ = ["PixelReferConfig"]
+def check_processor_matches_config(config: PixelReferConfig, image_processor) -> None:
+    """Refuse an image processor whose shared facts differ from the model's config, naming each difference.
+
+    The model would otherwise fail later with a placeholder-count mismatch (a different `n` or variant gives other
+    token counts), or silently read crops cut for another patch size."""
+    differences = [
+        f"{name}: model {expected!r}, processor {getattr(image_processor, name, None)!r}"
+        for name, expected in config.image_processor_kwargs().items()
+        if getattr(image_processor, name, None) != expected
+    ]
+    if differences:
+        raise ValueError(
+            "the image processor does not match the model (" + "; ".join(differences) + "); load both from the "
+            "same checkpoint, or build the processor with PixelReferImageProcessor(**config.image_processor_kwargs())"
+        )
+
+
+__all__ = ["PixelReferConfig", "check_processor_matches_config"]

@@ -393,11 +393,7 @@ def convert_config(
         "image_token_id": image_token_id,
         "region_token_id": region_token_id,
         "num_object_tokens": official.get("mask_num", 32),
-        "spatial_merge_size": official.get("spatial_merge_size", 2),
-        "max_visual_tokens": official.get("mm_max_length", 8192),
-        "use_token_compression": official.get("use_token_compression", True),
         "legacy_box_position": True,
-        "legacy_local_crop_reuse": variant == "pixelrefer-lite",
         "tie_word_embeddings": bool(official.get("tie_word_embeddings", False)),
     }
     config = PixelReferConfig(**values)
@@ -421,16 +417,24 @@ def resolve_dtype(requested: str, official_config: Mapping) -> torch.dtype:
 
 
 def build_image_processor(
-    config: PixelReferConfig, folder: Path, resize_backend: str = "opencv"
+    config: PixelReferConfig, official_config: Mapping, folder: Path, resize_backend: str = "opencv"
 ) -> PixelReferImageProcessor:
-    """Our image processor for `config`; image mean/std and min_pixels come from the snapshot's
-    `preprocessor_config.json` when it has one (the official code reads them from the tower's preprocessor).
+    """Our image processor for `config`: the preprocessing constants of the official `config.json` (visual token
+    budget, video merge, token compression; the other constants and the variant's defaults are the released ones),
+    with image mean/std and min_pixels from the snapshot's `preprocessor_config.json` when it has one (the official
+    code reads them from the tower's preprocessor).
 
     `resize_backend="opencv"` (the default) resizes crops, context images and Lite patch masks with OpenCV like the
     official code, so the converted checkpoint sees exactly the inputs the released weights were trained on.
     """
-    kwargs = config.image_processor_kwargs()
-    kwargs["resize_backend"] = resize_backend
+    max_visual_tokens = official_config.get("mm_max_length", 8192)
+    kwargs = {
+        **config.image_processor_kwargs(),
+        "max_visual_tokens": max_visual_tokens,
+        "video_merge_size": official_config.get("spatial_merge_size", 2),
+        "use_token_compression": official_config.get("use_token_compression", True),
+        "resize_backend": resize_backend,
+    }
     path = folder / "preprocessor_config.json"
     if path.is_file():
         official = json.loads(path.read_text())
@@ -440,7 +444,7 @@ def build_image_processor(
         if "min_pixels" in official:
             kwargs["size"] = {
                 "shortest_edge": official["min_pixels"],
-                "longest_edge": config.max_visual_tokens * config.vision_config.patch_size**2,
+                "longest_edge": max_visual_tokens * config.vision_config.patch_size**2,
             }
     return PixelReferImageProcessor(**kwargs)
 
@@ -604,7 +608,7 @@ def convert_checkpoint(
     # behaviour; "generated" is what the official inference does (the model's default when the field is absent).
     model.generation_config.repetition_penalty_scope = "generated"
     processor = PixelReferProcessor(
-        image_processor=build_image_processor(config, official_dir, resize_backend),
+        image_processor=build_image_processor(config, official_config, official_dir, resize_backend),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )

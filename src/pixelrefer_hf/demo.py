@@ -51,18 +51,22 @@ DEMO_TEXT_CONFIG = {
 DEMO_DEFAULTS = {
     # 8 object tokens per crop; objects smaller than 8 patches are upscaled until they cover that many.
     "num_object_tokens": 8,
+    "oci_num_heads": 4,
+    # Trained from scratch: the geometrically correct box encoding.
+    "legacy_box_position": False,
+}
+# The demo checkpoints' preprocessing (image processor options; the rest keep their released defaults).
+DEMO_IMAGE_PROCESSOR_OPTIONS = {
     # One patch of context around the tight box (released: two patches on images ~4x larger).
     "context_pixels": 14,
     "max_object_patches": 64,
     # Lite context images at the scale of the 224 px scenes.
     "local_image_size": 112,
     "global_image_size": 224,
-    "oci_num_heads": 4,
     "max_visual_tokens": 1024,
     # Still images pooled 2x2 like video frames: 64 global tokens per 224 px scene instead of 256.
-    "image_merge_size": 2,
-    # Trained from scratch: the geometrically correct box encoding and a local crop per object.
-    "legacy_box_position": False,
+    "merge_size": 2,
+    # Trained from scratch: a local crop per object.
     "legacy_local_crop_reuse": False,
 }
 
@@ -86,11 +90,13 @@ def demo_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> Pix
     )
 
 
-def demo_config_and_processor(variant: str = "pixelrefer", **overrides):
-    """`(config, processor)` of an untrained demo model: the starting point of `examples/train_shapes.py`."""
+def demo_config_and_processor(variant: str = "pixelrefer", image_processor_options: dict | None = None, **overrides):
+    """`(config, processor)` of an untrained demo model: the starting point of `examples/train_shapes.py`.
+    `overrides` reach the config, `image_processor_options` the image processor (over the demo's own)."""
     tokenizer = build_tiny_tokenizer()
     config = demo_config(variant, tokenizer, **overrides)
-    return config, processor_for_config(config, tokenizer)
+    options = {**DEMO_IMAGE_PROCESSOR_OPTIONS, **(image_processor_options or {})}
+    return config, processor_for_config(config, tokenizer, **options)
 
 
 def demo_checkpoint(variant: str = "pixelrefer") -> str:

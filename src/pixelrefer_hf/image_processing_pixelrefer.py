@@ -37,13 +37,19 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
     VideoLlama3ImageProcessorPil,
     smart_resize,
 )
+from transformers.processing_utils import Unpack
 from transformers.utils import TensorType
 
+from .configuration_pixelrefer import VARIANTS
 from .region_utils import check_dense_tensor, region_to_mask, validate_frame_index
 
-VARIANTS = ("pixelrefer", "pixelrefer-lite")
 RESIZE_BACKENDS = ("numpy", "opencv")
 OBJECT_CROPS = ("scale_adaptive", "frame")
+# The processor constants whose released value depends on the variant; an option left at None takes it.
+VARIANT_DEFAULTS = {
+    "pixelrefer": {"max_object_patches": 100, "legacy_local_crop_reuse": False},
+    "pixelrefer-lite": {"max_object_patches": 50, "legacy_local_crop_reuse": True},
+}
 # Resource bounds of one sample (see `PixelReferImageProcessor`), so that one upload cannot exhaust memory. The pixel
 # bound is the size Pillow itself refuses as a decompression bomb (2 x its default `Image.MAX_IMAGE_PIXELS`).
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -421,43 +427,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     global context images) at most `max_visual_tokens // m` patches each. `size["shortest_edge"]` is the minimum pixel
     count of every image, frame and crop; `size["longest_edge"]` only applies to the plain VideoLLaMA3 call.
 
-    Args:
-        variant (`str`, *optional*, defaults to `"pixelrefer"`):
-            `"pixelrefer"` (Vision-Object: global visual tokens and object tokens) or `"pixelrefer-lite"`
-            (Object-Only: object tokens enriched with a local and a global context image; no global visual tokens).
-        num_object_tokens (`int`, *optional*, defaults to 32):
-            Object tokens per crop (`n`); small objects are upscaled until their mask covers at least `n` patches.
-        context_pixels (`int`, *optional*, defaults to 28):
-            Context kept around the tight object box, in pixels of the original frame (`2 * patch_size`).
-        max_object_patches (`int`, *optional*):
-            Objects covering more patches than this are downscaled to about this many patches. Defaults to 100 for
-            PixelRefer and 50 for PixelRefer-Lite.
-        local_image_size (`int`, *optional*, defaults to 224):
-            Lite: side of the square local context image (the padded crop at its original resolution, resized).
-        global_image_size (`int`, *optional*, defaults to 336):
-            Lite: side of the square global context image (the whole frame, aspect ratio not kept).
-        legacy_local_crop_reuse (`bool`, *optional*):
-            Lite: reuse the local image of the first object on a frame for every later object on that frame, as the
-            released Lite weights were trained (official caching bug). Defaults to `True` for Lite, `False` otherwise.
-        max_visual_tokens (`int`, *optional*, defaults to 8192):
-            Visual token budget of one sample (official `mm_max_length`).
-        video_merge_size (`int`, *optional*, defaults to 2):
-            Spatial merge size of video frames; frames are resized to multiples of `patch_size * video_merge_size`.
-        use_token_compression (`bool`, *optional*, defaults to `True`):
-            Drop merged tokens of a video frame that barely differ from the previous frame (PixelRefer, > 1 frame).
-        token_compression_threshold (`float`, *optional*, defaults to 0.1):
-            Keep a merged token when `mean(|frame_t - frame_{t-1}|) * 255` over its normalised pixels exceeds this.
-        resize_backend (`str`, *optional*, defaults to `"numpy"`):
-            `"opencv"` resizes object crops, Lite context images and Lite patch masks with OpenCV, exactly like the
-            official code (checkpoints converted by `pixelrefer convert` use it); `"numpy"` emulates OpenCV to within
-            one grey level without loading it. PixelRefer patch masks follow the official rule with both.
-        max_image_pixels, max_regions_per_sample, max_video_frames, max_prompt_chars (`int`, *optional*):
-            Resource bounds of one sample (defaults: 178956970 pixels per image or frame, the size Pillow refuses as
-            a decompression bomb; 512 regions; 1024 frames; 1000000 characters of text). Input beyond a bound is
-            refused with a `ValueError` naming the sample before anything large is allocated. `None` lifts a bound.
-        **kwargs:
-            Every `VideoLlama3ImageProcessorPil` option (`size`, `patch_size`, `merge_size` of still images,
-            `image_mean`, `image_std`, `resample`, ...). `image_mean`/`image_std` default to 0.5 (SigLIP).
+    Options: every field of [`PixelReferImageProcessorKwargs`] (documented there, with its default), plus every
+    `VideoLlama3ImageProcessorPil` option (`size`, `patch_size`, `merge_size` of still images, `image_mean`,
+    `image_std`, `resample`, ...). Defaults are the class attributes below; `max_object_patches` and
+    `legacy_local_crop_reuse` left unset take their variant's released value (`VARIANT_DEFAULTS`).
     """
 
     valid_kwargs = PixelReferImageProcessorKwargs
@@ -482,10 +455,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     variant = "pixelrefer"
     num_object_tokens = 32
     context_pixels = 28
-    max_object_patches = 100
+    max_object_patches = None  # VARIANT_DEFAULTS
     local_image_size = 224
     global_image_size = 336
-    legacy_local_crop_reuse = False
+    legacy_local_crop_reuse = None  # VARIANT_DEFAULTS
     max_visual_tokens = 8192
     video_merge_size = 2
     use_token_compression = True
@@ -498,69 +471,31 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
     max_video_frames = DEFAULT_MAX_VIDEO_FRAMES
     max_prompt_chars = DEFAULT_MAX_PROMPT_CHARS
 
-    def __init__(
-        self,
-        variant: str = "pixelrefer",
-        num_object_tokens: int = 32,
-        context_pixels: int = 28,
-        max_object_patches: int | None = None,
-        local_image_size: int = 224,
-        global_image_size: int = 336,
-        legacy_local_crop_reuse: bool | None = None,
-        max_visual_tokens: int = 8192,
-        video_merge_size: int = 2,
-        use_token_compression: bool = True,
-        token_compression_threshold: float = 0.1,
-        resize_backend: str = "numpy",
-        object_crop: str = "scale_adaptive",
-        multi_frame_regions: bool = False,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        max_regions_per_sample: int | None = DEFAULT_MAX_REGIONS_PER_SAMPLE,
-        max_video_frames: int | None = DEFAULT_MAX_VIDEO_FRAMES,
-        max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
-        **kwargs,
-    ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if resize_backend not in RESIZE_BACKENDS:
-            raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
-        if object_crop not in OBJECT_CROPS:
-            raise ValueError(f"object_crop must be one of {OBJECT_CROPS}, got {object_crop!r}")
-        limits = dict(
-            zip(RESOURCE_LIMITS, (max_image_pixels, max_regions_per_sample, max_video_frames, max_prompt_chars))
-        )
-        for name, value in limits.items():
+    def __init__(self, **kwargs: Unpack[PixelReferImageProcessorKwargs]):
+        variant = kwargs.setdefault("variant", self.variant)
+        for name, choices in (
+            ("variant", VARIANTS),
+            ("resize_backend", RESIZE_BACKENDS),
+            ("object_crop", OBJECT_CROPS),
+        ):
+            value = kwargs.get(name, getattr(self, name))
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        for name, value in VARIANT_DEFAULTS[variant].items():
+            if kwargs.get(name) is None:
+                kwargs[name] = value
+        for name in RESOURCE_LIMITS:
+            value = kwargs.get(name, getattr(self, name))
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if resize_backend == "opencv":
+        if kwargs.get("resize_backend") == "opencv":
             _opencv()  # fail at construction, not at the first crop
-        is_lite = variant == "pixelrefer-lite"
-        if max_object_patches is None:
-            max_object_patches = 50 if is_lite else 100
-        if legacy_local_crop_reuse is None:
-            legacy_local_crop_reuse = is_lite
         if kwargs.get("size") is None and "min_pixels" not in kwargs and "max_pixels" not in kwargs:
             # The plain VideoLLaMA3 call then gets the budget of a one-image sample.
             patch_size = kwargs.get("patch_size") or self.patch_size
+            max_visual_tokens = kwargs.get("max_visual_tokens") or self.max_visual_tokens
             kwargs["size"] = {"shortest_edge": 56 * 56, "longest_edge": max_visual_tokens * patch_size**2}
-        super().__init__(
-            variant=variant,
-            num_object_tokens=num_object_tokens,
-            context_pixels=context_pixels,
-            max_object_patches=max_object_patches,
-            local_image_size=local_image_size,
-            global_image_size=global_image_size,
-            legacy_local_crop_reuse=legacy_local_crop_reuse,
-            max_visual_tokens=max_visual_tokens,
-            video_merge_size=video_merge_size,
-            use_token_compression=use_token_compression,
-            token_compression_threshold=token_compression_threshold,
-            resize_backend=resize_backend,
-            object_crop=object_crop,
-            multi_frame_regions=multi_frame_regions,
-            **limits,
-            **kwargs,
-        )
+        super().__init__(**kwargs)
 
     @property
     def is_lite(self) -> bool:

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from transformers import GenerationConfig, Pipeline
 from transformers.utils import logging
 
+from .configuration_pixelrefer import check_processor_matches_config
 from .image_processing_pixelrefer import to_rgb_array
 from .region_utils import region_to_mask, validate_frame_index
 from .sam_utils import (
@@ -138,6 +139,7 @@ class RegionQAPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         if self.processor is None:
             raise ValueError("the region-qa pipeline needs the PixelRefer processor (pass processor=...)")
+        check_processor_matches_config(self.model.config, self.processor.image_processor)
         # The base class only takes the padding id from a tokenizer given on its own; batches need it here too.
         if self.model.can_generate() and self.processor.tokenizer.pad_token_id is not None:
             self._generation_defaults.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)

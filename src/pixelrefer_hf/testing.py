@@ -34,7 +34,9 @@ TINY_TEXT_CONFIG = {
     # rounding noise (batch-vs-single tests compare generated tokens).
     "initializer_range": 0.2,
 }
-TINY_DEFAULTS = {"num_object_tokens": 8, "oci_num_heads": 2, "max_visual_tokens": 1024}
+TINY_DEFAULTS = {"num_object_tokens": 8, "oci_num_heads": 2}
+# Preprocessing of the tiny models (the rest of the image processor's options keep their released defaults).
+TINY_IMAGE_PROCESSOR_OPTIONS = {"max_visual_tokens": 1024}
 
 
 def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
@@ -58,20 +60,24 @@ def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> Pix
     return PixelReferConfig(**values)
 
 
-def processor_for_config(config: PixelReferConfig, tokenizer) -> PixelReferProcessor:
-    """The processor that agrees with `config` (crop scales, token counts, budgets).
+def processor_for_config(config: PixelReferConfig, tokenizer, **image_processor_options) -> PixelReferProcessor:
+    """The processor of a model of ours: the facts `config` owns (variant, object tokens, patch size) plus
+    `image_processor_options` (crop scales, budgets, merge sizes; `PixelReferImageProcessorKwargs`).
 
     Models of our own (tiny test models, the demo checkpoints) take PixelRefer video regions on several frames in the
     timed form (`multi_frame_regions=True`); converted official checkpoints keep the official one-frame rule."""
-    image_processor = PixelReferImageProcessor(**config.image_processor_kwargs(), multi_frame_regions=True)
+    image_processor = PixelReferImageProcessor(
+        **config.image_processor_kwargs(), **{"multi_frame_regions": True, **image_processor_options}
+    )
     return PixelReferProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 def tiny_model_and_processor(
-    variant: str = "pixelrefer", seed: int = 0, **config_overrides
+    variant: str = "pixelrefer", seed: int = 0, image_processor_options: dict | None = None, **config_overrides
 ) -> tuple[PixelReferForConditionalGeneration, PixelReferProcessor]:
     """A tiny random `(model, processor)` pair in eval mode. The same seed always gives the same weights, and the
-    global torch RNG is left untouched."""
+    global torch RNG is left untouched. `config_overrides` reach `PixelReferConfig`, `image_processor_options` the
+    image processor (over `TINY_IMAGE_PROCESSOR_OPTIONS`)."""
     tokenizer = build_tiny_tokenizer()
     config = tiny_config(variant, tokenizer, **config_overrides)
     with torch.random.fork_rng(devices=[]):
@@ -79,7 +85,8 @@ def tiny_model_and_processor(
         model = PixelReferForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, processor_for_config(config, tokenizer)
+    options = {**TINY_IMAGE_PROCESSOR_OPTIONS, **(image_processor_options or {})}
+    return model, processor_for_config(config, tokenizer, **options)
 
 
 __all__ = ["processor_for_config", "tiny_config", "tiny_model_and_processor"]
