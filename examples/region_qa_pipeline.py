@@ -24,7 +24,8 @@ def make_image() -> tuple[np.ndarray, np.ndarray]:
 
 def build_pipeline(model: str | None):
     if model:
-        # A saved folder carries the pipeline code: this works without pixelrefer_hf installed.
+        # A folder saved by the pipeline (or by `pixelrefer convert`) carries its code: this works without
+        # pixelrefer_hf installed.
         return pipeline("region-qa", model=model, trust_remote_code=True)
     from pixelrefer_hf.demo import demo_checkpoint
 

@@ -123,6 +123,9 @@ def test_converted_model_equals_the_model_the_official_weights_describe(variant,
     assert model.config.variant == variant
     image_processor = processor.image_processor
     assert (model.config.num_object_tokens, image_processor.max_visual_tokens) == (8, 1024)
+    # Written with the region-qa pipeline's code, for use from the hub without the package.
+    assert (out / "pipeline_region_qa.py").is_file()
+    assert "region-qa" in json.loads((out / "config.json").read_text())["custom_pipelines"]
     assert model.config.legacy_box_position and image_processor.legacy_local_crop_reuse == (
         variant == "pixelrefer-lite"
     )

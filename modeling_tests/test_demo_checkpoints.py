@@ -94,11 +94,10 @@ def test_default_model_of_the_command_is_the_demo_checkpoint(capsys):
 
 
 def test_exported_demo_checkpoint_loads_without_the_package(tmp_path):
-    """`save_pretrained` writes the remote code, so an exported copy works, through the Auto classes and the pipeline,
-    in a fresh offline process where `pixelrefer_hf` cannot be imported."""
+    """The pipeline's `save_pretrained` writes the remote code (the model's and its own), so an exported copy works,
+    through the Auto classes and the pipeline, in a fresh offline process where `pixelrefer_hf` cannot be imported."""
     export = tmp_path / "export"
-    AutoModel.from_pretrained(demo_checkpoint("pixelrefer-lite")).save_pretrained(export)
-    AutoProcessor.from_pretrained(demo_checkpoint("pixelrefer-lite")).save_pretrained(export)
+    pipeline("region-qa", model=demo_checkpoint("pixelrefer-lite")).save_pretrained(export)
     assert (export / "modeling_pixelrefer.py").read_bytes() == (PACKAGE / "modeling_pixelrefer.py").read_bytes()
     code = f"""
         import json

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 from pixelrefer_hf import cli
 from pixelrefer_hf.convert import convert_checkpoint
 from pixelrefer_hf.demo import demo_checkpoint
+from pixelrefer_hf.pipeline_region_qa import RegionQAPipeline
 from pixelrefer_hf.testing import tiny_model_and_processor
 
 VARIANTS = ("pixelrefer", "pixelrefer-lite")
@@ -190,8 +191,7 @@ def test_collator_is_exported_at_the_top_level():
 
 def test_pipeline_from_a_folder_needs_no_trust_remote_code_with_the_package_imported(tmp_path):
     model, processor = tiny_model_and_processor("pixelrefer")
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    RegionQAPipeline(model=model, processor=processor, task="region-qa").save_pretrained(tmp_path)
     assert "region-qa" in json.loads((tmp_path / "config.json").read_text())["custom_pipelines"]
     item = {"image": two_prompts(processor)[1][0], "regions": [[5, 5, 40, 30]], "question": "What is <region>?"}
     from_folder = pipeline("region-qa", model=str(tmp_path))

@@ -209,10 +209,10 @@ def test_call_arguments_are_checked(pipe):
         pipe(video=[make_image()], regions=[{0: [0, 0, 5, 5]}], question=QUESTION, propagate_regions=True)
 
 
-@pytest.mark.parametrize("saved_by", ["model", "pipeline"])
-def test_saving_writes_the_pipeline_entry_and_its_module(pipe, saved_by, tmp_path):
-    (pipe.model if saved_by == "model" else pipe).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
+def test_the_pipeline_saves_its_code_and_the_model_alone_does_not(pipe, tmp_path):
+    """The pipeline travels as transformers' custom pipelines do: written by the pipeline's save_pretrained."""
+    pipe.save_pretrained(tmp_path / "pipeline")
+    config = json.loads((tmp_path / "pipeline" / "config.json").read_text())
     assert config["custom_pipelines"] == {
         "region-qa": {
             "impl": "pipeline_region_qa.RegionQAPipeline",
@@ -220,9 +220,16 @@ def test_saving_writes_the_pipeline_entry_and_its_module(pipe, saved_by, tmp_pat
             "type": "multimodal",
         }
     }
-    saved = set(os.listdir(tmp_path))
-    assert {"pipeline_region_qa.py", "sam_utils.py", "video_io.py", "region_utils.py"} <= saved
-    assert ("processor_config.json" in saved) == (saved_by == "pipeline")
+    saved = set(os.listdir(tmp_path / "pipeline"))
+    assert {"pipeline_region_qa.py", "sam_utils.py", "video_io.py", "processor_config.json"} <= saved
+    assert not hasattr(pipe.model.config, "custom_pipelines")  # the in-memory config is left as it was
+
+    pipe.model.save_pretrained(tmp_path / "model")
+    pipe.processor.save_pretrained(tmp_path / "model")
+    saved = set(os.listdir(tmp_path / "model"))
+    assert "custom_pipelines" not in json.loads((tmp_path / "model" / "config.json").read_text())
+    assert not saved & {"pipeline_region_qa.py", "sam_utils.py", "video_io.py"}
+    assert {"modeling_pixelrefer.py", "processing_pixelrefer.py"} <= saved
 
 
 CHILD = textwrap.dedent(
@@ -245,12 +252,11 @@ CHILD = textwrap.dedent(
 def test_fresh_process_without_the_package_runs_the_saved_pipeline_offline(model_and_processor, tmp_path):
     model, processor = model_and_processor
     folder = tmp_path / "checkpoint"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    local = RegionQAPipeline(model=model, processor=processor, task="region-qa")
+    local.save_pretrained(folder)
     image, mask = make_image(5), disc_mask()
     np.savez(folder / "inputs.npz", image=image, mask=mask)
     Image.fromarray(image).save(folder / "image.png")
-    local = RegionQAPipeline(model=model, processor=processor, task="region-qa")
     expected = local(
         [
             {"image": image, "regions": [mask], "question": "What is <region>?"},

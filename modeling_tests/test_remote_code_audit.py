@@ -1,6 +1,7 @@
 """Static audit of the modules that travel as remote code (`trust_remote_code=True` runs them on users' machines).
 
-Every `.py` file that `save_pretrained` writes next to a model and its processor, as saved, is parsed with
+Every `.py` file that `save_pretrained` writes next to a model, its processor and the region-qa pipeline, as saved, is
+parsed with
 `ast` and must not reach the network, start processes, evaluate strings, unpickle, or call `torch.load` without
 `weights_only=True`. Transformers' own `from_pretrained` (SAM checkpoints named by the user) is the one way to load
 files and is allowed: it reads safetensors and refuses unsafe pickles itself.
@@ -12,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from pixelrefer_hf.pipeline_region_qa import save_with_pipeline
 from pixelrefer_hf.testing import tiny_model_and_processor
 
 
 def _saved_remote_code() -> dict[str, str]:
-    """What travels: the modules `save_pretrained` writes for a model and its processor (both variants)."""
+    """What travels: the modules the pipeline's `save_pretrained` writes with a model and its processor (a superset of
+    what the model and processor alone write), both variants."""
     sources = {}
     for variant in ("pixelrefer", "pixelrefer-lite"):
         model, processor = tiny_model_and_processor(variant)
         with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            processor.save_pretrained(folder)
+            save_with_pipeline(model, processor, folder)
             sources |= {path.name: path.read_text(encoding="utf-8") for path in Path(folder).glob("*.py")}
     return sources
 
@@ -185,3 +187,21 @@ def test_audit_accepts_safe_loading():
     assert audit_source("torch.load('w.bin', map_location='cpu', weights_only=True)", "ok.py") == []
     assert audit_source("import os\nos.path.join('a', 'b')", "ok.py") == []
     assert audit_source("import re\nmodel.eval()\nre.compile('a')", "ok.py") == []
+
+
+def test_the_model_and_processor_carry_only_what_running_them_needs(tmp_path):
+    """The pipeline's helpers (SAM, video decoding) travel only with a folder the pipeline saves."""
+    model, processor = tiny_model_and_processor("pixelrefer-lite")
+    model.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == [
+        "configuration_pixelrefer.py",
+        "modeling_pixelrefer.py",
+    ]
+    processor.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == [
+        "configuration_pixelrefer.py",
+        "image_processing_pixelrefer.py",
+        "modeling_pixelrefer.py",
+        "processing_pixelrefer.py",
+        "region_utils.py",
+    ]

@@ -3,7 +3,8 @@
 Importing the package registers every class with the transformers Auto factories, so a saved folder loads with or
 without `trust_remote_code` while the package is installed; `save_pretrained` copies the remote-code modules and writes
 their `auto_map`, so the folder also loads where the package is not installed. The `region-qa` pipeline is
-registered too, and saved with the model (`config.custom_pipelines`).
+registered too; `RegionQAPipeline.save_pretrained` writes its code and `config.custom_pipelines` next to the model,
+as transformers' custom pipelines travel.
 """
 
 from transformers import (

@@ -22,19 +22,12 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_pixelrefer.PixelReferForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_pixelrefer.PixelReferForConditionalGeneration",
 }
-# The `region-qa` pipeline written into every saved config.json, so that `pipeline("region-qa", model=folder,
-# trust_remote_code=True)` finds it; `PixelReferPreTrainedModel.save_pretrained` copies its module next to the weights.
-CUSTOM_PIPELINES = {
-    "region-qa": {
-        "impl": "pipeline_region_qa.RegionQAPipeline",
-        "pt": ["AutoModelForImageTextToText"],
-        "type": "multimodal",
-    }
-}
-# Loaded from the installed package, this module registers `region-qa` in transformers' pipeline registry (package
-# import); `pipeline()` prefers a task named in `config.custom_pipelines` and then demands `trust_remote_code`, so
-# only a remote-code copy of this module (package not installed) advertises the pipeline file in memory. Saved
-# configs always name it (`to_dict`).
+# The task of this package's pipeline. Its code travels only with folders the pipeline saves
+# (`RegionQAPipeline.save_pretrained`, which writes `config.custom_pipelines`), as transformers' custom pipelines do.
+PIPELINE_TASK = "region-qa"
+# Loaded from the installed package, whose import registers `region-qa` in transformers' pipeline registry, a folder
+# whose config.json names the pipeline would make `pipeline()` prefer the folder's copy and demand
+# `trust_remote_code`; in memory the registered pipeline wins. A remote-code copy of this module keeps the entry.
 _LOADED_AS_REMOTE_CODE = not __name__.startswith("pixelrefer_hf.")
 KMEANS_INITS = ("linspace", "random")
 # Fields of configs saved before the preprocessing constants moved to the image processor (its
@@ -141,20 +134,15 @@ class PixelReferConfig(PreTrainedConfig):
         # save_pretrained merges the classes' own auto classes into this map; entries loaded from a hub config win.
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         loaded_pipelines = getattr(self, "custom_pipelines", None) or {}
-        self.custom_pipelines = (
-            {**CUSTOM_PIPELINES, **loaded_pipelines}
-            if _LOADED_AS_REMOTE_CODE
-            else {task: spec for task, spec in loaded_pipelines.items() if task not in CUSTOM_PIPELINES}
-        )
+        if not _LOADED_AS_REMOTE_CODE and PIPELINE_TASK in loaded_pipelines:
+            loaded_pipelines = {task: spec for task, spec in loaded_pipelines.items() if task != PIPELINE_TASK}
+        if loaded_pipelines:
+            self.custom_pipelines = loaded_pipelines
+        elif hasattr(self, "custom_pipelines"):
+            del self.custom_pipelines
         # Qwen2.5-1.5B ties its embeddings; the flag may only be present in the text config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-
-    def to_dict(self) -> dict:
-        """As `PreTrainedConfig.to_dict`, always naming the `region-qa` pipeline (see `_LOADED_AS_REMOTE_CODE`)."""
-        output = super().to_dict()
-        output["custom_pipelines"] = {**CUSTOM_PIPELINES, **(output.get("custom_pipelines") or {})}
-        return output
 
     @property
     def is_lite(self) -> bool:

@@ -38,6 +38,7 @@ from transformers.utils import logging
 from .configuration_pixelrefer import PixelReferConfig
 from .image_processing_pixelrefer import RESIZE_BACKENDS, PixelReferImageProcessor
 from .modeling_pixelrefer import PixelReferForConditionalGeneration
+from .pipeline_region_qa import save_with_pipeline
 from .processing_pixelrefer import PixelReferProcessor
 from .tokenizer_assets import CHAT_TEMPLATE, IMAGE_TOKEN, REGION_TOKEN
 
@@ -616,8 +617,9 @@ def convert_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
-        processor.save_pretrained(staging)
+        # With the region-qa pipeline's code: a converted folder pushed to the hub answers through
+        # `pipeline("region-qa", model=repo, trust_remote_code=True)` where this package is not installed.
+        save_with_pipeline(model, processor, staging, state_dict=state_dict, max_shard_size=max_shard_size)
         (staging / "README.md").write_text(
             model_card_text(variant, config, Path(model_card) if model_card else None, push_to_hub)
         )

@@ -492,19 +492,6 @@ class PixelReferPreTrainedModel(PreTrainedModel):
                     sub_config._attn_implementation_internal = "sdpa"
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save as usual, plus the `region-qa` pipeline module that `config.custom_pipelines` names (and the modules
-        it imports), so that `pipeline("region-qa", model=save_directory, trust_remote_code=True)` works where this
-        package is not installed."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            # Imported here because running the model never needs the pipeline.
-            from transformers.dynamic_module_utils import custom_object_save
-
-            from .pipeline_region_qa import RegionQAPipeline
-
-            custom_object_save(RegionQAPipeline, save_directory)
-
 
 class PixelReferModel(PixelReferPreTrainedModel):
     """The backbone: vision tower, SAOT (+ OCI for Lite), projector and Qwen2, without the LM head."""

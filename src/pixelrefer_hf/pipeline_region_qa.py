@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from transformers import GenerationConfig, Pipeline
 from transformers.utils import logging
 
-from .configuration_pixelrefer import check_processor_matches_config
+from .configuration_pixelrefer import PIPELINE_TASK, check_processor_matches_config
 from .image_processing_pixelrefer import to_rgb_array
 from .region_utils import region_to_mask, validate_frame_index
 from .sam_utils import (
@@ -84,6 +84,41 @@ def _item_error(where: str, error: ValueError) -> str:
     if not where:
         return message
     return f"{where}: " + re.sub(r"^sample 0(: |, )", "", message)
+
+
+# What `config.custom_pipelines` says of this pipeline in a folder saved with it (the form transformers' own
+# `Pipeline.save_pretrained` writes for a registered pipeline).
+PIPELINE_ENTRY = {
+    PIPELINE_TASK: {
+        "impl": "pipeline_region_qa.RegionQAPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
+
+
+def save_with_pipeline(model, processor, save_directory: str | os.PathLike, **model_save_kwargs) -> None:
+    """Write `model` (`model_save_kwargs` go to its `save_pretrained`, e.g. `state_dict`), `processor`, and the code
+    of the `region-qa` pipeline with the modules it imports, naming it in the saved `config.custom_pipelines`.
+
+    The model alone never carries the pipeline: running it needs none of this code (SAM helpers, video decoding).
+    """
+    from transformers.dynamic_module_utils import custom_object_save
+
+    config = model.config
+    had_entry, previous = hasattr(config, "custom_pipelines"), getattr(config, "custom_pipelines", None)
+    config.custom_pipelines = {**(previous or {}), **PIPELINE_ENTRY}
+    try:
+        model.save_pretrained(save_directory, **model_save_kwargs)
+    finally:
+        # In memory the registered pipeline keeps winning (see configuration_pixelrefer._LOADED_AS_REMOTE_CODE).
+        if had_entry:
+            config.custom_pipelines = previous
+        else:
+            del config.custom_pipelines
+    processor.save_pretrained(save_directory)
+    if model_save_kwargs.get("is_main_process", True):
+        custom_object_save(RegionQAPipeline, save_directory)
 
 
 class RegionQAPipeline(Pipeline):
@@ -145,11 +180,9 @@ class RegionQAPipeline(Pipeline):
             self._generation_defaults.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save the model (with this pipeline's code, see `config.custom_pipelines`) and the processor, so that
-        `pipeline("region-qa", model=save_directory, trust_remote_code=True)` rebuilds this pipeline. The base class
-        would save the tokenizer and image processor but not the processor that this pipeline needs."""
-        self.model.save_pretrained(save_directory, **kwargs)
-        self.processor.save_pretrained(save_directory, **kwargs)
+        """Save the model, the processor and this pipeline's code, so that `pipeline("region-qa",
+        model=save_directory, trust_remote_code=True)` rebuilds this pipeline where the package is not installed."""
+        save_with_pipeline(self.model, self.processor, save_directory, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Arguments
