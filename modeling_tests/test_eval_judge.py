@@ -211,7 +211,7 @@ DLC_REPLIES = {
     "101-1": "D. The colour of the shape is mentioned and is red.",  # 1
     "101-2": "B",  # 0.5
     "101-3": "No second shape is mentioned.",  # 1
-    "102-1": "A",  # 0, and at most 0 anyway
+    "102-1": "D",  # 1, capped at 0: the description is not of the annotated class
     "102-2": "I would rather not say.",  # unparsed: "not mentioned", 0
     "102-3": "A. A second shape is mentioned.",  # -1
     "201-1": "D",
@@ -368,7 +368,7 @@ def videorefer_responder(body: dict) -> str:
     if "Predicted answer: prediction A" in text:
         return (
             "1. Subject Correspondence: 5\nExplanation: right shape.\n2. Appearance Description: 4\nExplanation: ok\n"
-            "3. Temporal Description: 3\nExplanation: ok\n4. Hallucination Detection: 2\nExplanation: invents a cat."
+            "3. Temporal Description: 3\nExplanation: ok\n4. Hallucination Detection: 2.5\nExplanation: invents a cat."
         )
     if "Predicted answer: prediction B" in text:  # no temporal score
         return "1. Subject Correspondence: 3\n2. Appearance Description: 2\n4. Hallucination Detection: 4\n"
@@ -384,12 +384,12 @@ def test_videorefer_d_scores_as_computed_by_hand(judge_server, tmp_path):
         record("3", None, error="video could not be decoded"),
     ]
     result = VideoReferBenchD().score(records, options_for(server.url, tmp_path / "run"))
-    # Each dimension over the replies that gave it: SC (5+3)/2, AD (4+2)/2, TD 3/1, HD (2+4)/2; average of the four.
+    # Each dimension over the replies that gave it: SC (5+3)/2, AD (4+2)/2, TD 3/1, HD (2.5+4)/2; mean of the four.
     assert result["subject_correspondence"] == pytest.approx(4.0)
     assert result["appearance_description"] == pytest.approx(3.0)
     assert result["temporal_description"] == pytest.approx(3.0)
-    assert result["hallucination_detection"] == pytest.approx(3.0)
-    assert result["average"] == pytest.approx(3.25)
+    assert result["hallucination_detection"] == pytest.approx(3.25)
+    assert result["average"] == pytest.approx(13.25 / 4)
     assert (result["items"], result["scored"], result["errors"]) == (4, 2, 1)
     assert (result["unparsed"], result["incomplete"]) == (1, 1)
     assert len(server.bodies) == 3
