@@ -647,3 +647,12 @@ def test_bad_entries_name_the_file_and_item(dlc_data, videorefer_data):
     (videorefer_data / "Panda-70M-part" / "clip0.mp4").unlink()
     with pytest.raises(EvalDataError, match=r"item 0: media not found"):
         VideoReferBenchD(lite=True).load(videorefer_data)
+
+
+def test_a_record_without_its_reference_names_the_item(judge_server, tmp_path):
+    server = judge_server(lambda body: "Yes")
+    with pytest.raises(EvalDataError, match=r"item 7: prediction record needs the item's reference"):
+        DLCBench().score([record("7", "A red circle.")], options_for(server.url, tmp_path / "run"))
+    with pytest.raises(EvalDataError, match=r"item 8: prediction record needs .* 'context'"):
+        FerretBenchReasoning().score([record("8", "answer", "reference")], options_for(server.url, tmp_path / "run"))
+    assert server.bodies == []  # checked before anything is sent

@@ -104,6 +104,12 @@ def _split_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     return usable, len(records) - len(usable)
 
 
+def _require(condition: bool, record: dict[str, Any], message: str) -> None:
+    """A prediction record that lacks what its benchmark's items carry (a reference, a meta field) cannot be judged."""
+    if not condition:
+        raise EvalDataError(f"prediction record {message}", item=str(record.get("id")))
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -316,7 +322,14 @@ class DLCBench(Benchmark):
         plan = []  # the questions of each record, the recognition question first
         requests = []
         for record in usable:
-            reference = record.get("reference") or {}
+            reference = record.get("reference")
+            _require(
+                isinstance(reference, dict)
+                and isinstance(reference.get("class_name"), str)
+                and isinstance(reference.get("questions"), list),
+                record,
+                "needs the item's reference {'class_name', 'questions'}",
+            )
             questions = [dlc_recognition_question(reference["class_name"]), *reference["questions"]]
             plan.append(questions)
             requests += [
@@ -566,6 +579,8 @@ class VideoReferBenchD(Benchmark):
 
     def score(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, Any]:
         usable, errors = _split_records(records)
+        for record in usable:
+            _require(isinstance(record.get("reference"), str), record, "needs the item's reference caption")
         judge = Judge.from_options(options)
         requests = [
             JudgeRequest(
@@ -773,11 +788,15 @@ class FerretBenchReasoning(Benchmark):
         requests = []
         for record in usable:
             meta = record.get("meta") or {}
+            _require(
+                isinstance(record.get("reference"), str)
+                and isinstance(meta.get("context"), str)
+                and isinstance(meta.get("judge_question"), str),
+                record,
+                "needs the item's reference answer and meta 'context' and 'judge_question'",
+            )
             text = ferret_review_text(
-                str(meta.get("context", "")),
-                str(meta.get("judge_question", "")),
-                record["prediction"],
-                str(record.get("reference")),
+                meta["context"], meta["judge_question"], record["prediction"], record["reference"]
             )
             requests.append(JudgeRequest([system_message(FERRET_SYSTEM_PROMPT), user_message(text)]))
         pairs = [ferret_parse_scores(reply) for reply in judge.chat_many(requests)]
@@ -909,6 +928,9 @@ class RefL4Clair(Benchmark):
 
     def score(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, Any]:
         usable, errors = _split_records(records)
+        for record in usable:
+            reference = record.get("reference")
+            _require(isinstance(reference, (str, list)) and reference, record, "needs the item's reference captions")
         judge = Judge.from_options(options)
         requests = [
             JudgeRequest([user_message(clair_prompt([r["prediction"]], _ref_l4_references(r.get("reference"))))])
