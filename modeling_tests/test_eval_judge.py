@@ -596,6 +596,8 @@ def test_key_comes_from_the_named_variable_or_is_a_placeholder(judge_server, mon
 def test_missing_judge_settings_are_named():
     with pytest.raises(JudgeError, match="--judge-base-url"):
         DLCBench().score([], ScoreOptions())
+    with pytest.raises(JudgeError, match="'localhost:8000' is not an http"):
+        DLCBench().score([], ScoreOptions(judge_base_url="localhost:8000", judge_model="m"))
     with pytest.raises(JudgeError, match="--judge-model"):
         DLCBench().score([], ScoreOptions(judge_base_url="http://127.0.0.1:1/v1"))
 

@@ -109,6 +109,8 @@ class Judge:
     ):
         if not base_url:
             raise JudgeError("no judge endpoint: give the base URL of an OpenAI-compatible server (--judge-base-url)")
+        if urlparse(base_url).scheme not in ("http", "https") or not urlparse(base_url).hostname:
+            raise JudgeError(f"judge base URL {base_url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
         if not model:
             raise JudgeError(f"no judge model for {base_url}: give the model name it serves (--judge-model)")
         if max_attempts < 1:
