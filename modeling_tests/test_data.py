@@ -254,7 +254,7 @@ BAD_SAMPLES = [
             "masks": [],
             "conversations": [{"from": "human", "value": "<region>"}, {"from": "gpt", "value": "x"}],
         },
-        "1 <region> placeholders but 0 masks",
+        r"1 <region> placeholder\(s\) but 0 region\(s\)",
     ),
     (
         {

@@ -144,7 +144,7 @@ def bad_rows(tmp_path) -> dict[str, tuple[dict, str]]:
     no_answer = image_row("bad-no-answer")
     no_answer["messages"] = no_answer["messages"][:1]
     return {
-        "placeholder": (placeholder, "2 <region> placeholders but the row has 1 regions"),
+        "placeholder": (placeholder, "2 <region> placeholder(s) but 1 region(s)"),
         "rle": (corrupt_rle, "RLE does not decode"),
         "file": (missing_file, "does not exist"),
         "empty": (empty, "the conversation is empty"),

@@ -766,11 +766,15 @@ def image_and_mask():
 
 def test_region_count_mismatch(make_processor, image_and_mask):
     image, mask = image_and_mask
-    with pytest.raises(ValueError, match="sample 1: the text has 3 <region> placeholders but 2 regions were given"):
+    with pytest.raises(
+        ValueError, match=r"sample 1: the text has 3 <region> placeholder\(s\) but 2 region\(s\) were given"
+    ):
         make_processor()(
             text=["<region>", "<region> <region> <region>"], images=[image, image], regions=[[mask], [mask, mask]]
         )
-    with pytest.raises(ValueError, match="sample 0: the text has 1 <region> placeholders but 0 regions were given"):
+    with pytest.raises(
+        ValueError, match=r"sample 0: the text has 1 <region> placeholder\(s\) but 0 region\(s\) were given"
+    ):
         make_processor()(text="What is <region>?", images=image)
 
 

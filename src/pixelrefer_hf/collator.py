@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging
 
-from .data import IMAGE_TAG, REGION_PLACEHOLDER, ROLES, VIDEO_TAG, load_image, row_regions
+from .data import IMAGE_TAG, ROLES, VIDEO_TAG, load_image, row_regions
+from .processing_pixelrefer import REGION_PLACEHOLDER, check_region_placeholders
 
 logger = logging.get_logger(__name__)
 
@@ -139,7 +140,7 @@ class PixelReferDataCollator:
             media = None
         regions = row_regions(row)
 
-        num_placeholders, num_tags = 0, 0
+        texts, num_tags = [], 0
         conversation = []
         for k, message in enumerate(messages):
             if not isinstance(message, dict):
@@ -160,7 +161,7 @@ class PixelReferDataCollator:
                 )
             if role == "assistant" and (REGION_PLACEHOLDER in content or _TAG_PATTERN.search(content)):
                 raise ValueError(f"turn {k}: an assistant answer cannot hold {REGION_PLACEHOLDER} or visual tags")
-            num_placeholders += content.count(REGION_PLACEHOLDER)
+            texts.append(content)
             blocks = []
             for piece_index, piece in enumerate(_TAG_PATTERN.split(content)):
                 if piece_index % 2 == 1:  # a captured tag
@@ -174,11 +175,7 @@ class PixelReferDataCollator:
             conversation.append({"role": role, "content": blocks})
         if not any(message["role"] == "assistant" for message in conversation):
             raise ValueError("the conversation has no assistant turn, so nothing would be trained")
-        if num_placeholders != len(regions):
-            raise ValueError(
-                f"the conversation has {num_placeholders} {REGION_PLACEHOLDER} placeholders but the row "
-                f"has {len(regions)} regions"
-            )
+        check_region_placeholders("", texts, len(regions))
         if media is not None and not num_tags:
             # Official convention: the visual block opens the first user turn when the text does not place it.
             first_user = next((m for m in conversation if m["role"] == "user"), None)

@@ -35,6 +35,7 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from transformers.utils import logging
 
+from .processing_pixelrefer import check_region_placeholders
 from .region_utils import polygons_to_mask, region_to_mask, rle_decode, rle_encode
 
 try:
@@ -44,7 +45,6 @@ except ImportError:  # the `video` extra; only official *video file* annotations
 
 logger = logging.get_logger(__name__)
 
-REGION_PLACEHOLDER = "<region>"
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 # Official `from` values -> chat roles.
@@ -436,11 +436,7 @@ def convert_official_sample(
     masks = [] if masks is None else masks
     if not isinstance(masks, list):
         raise ValueError(f"{where}: 'masks' must be a list (one mask per <region>), got {type(masks).__name__}")
-    num_placeholders = sum(m["content"].count(REGION_PLACEHOLDER) for m in messages)
-    if num_placeholders != len(masks):
-        raise ValueError(
-            f"{where}: the conversation has {num_placeholders} <region> placeholders but {len(masks)} masks"
-        )
+    check_region_placeholders(where, [message["content"] for message in messages], len(masks))
     height, width = sample.get("height"), sample.get("width")
     size = []
     for name, value in (("height", height), ("width", width)):

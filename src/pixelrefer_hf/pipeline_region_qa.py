@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from .configuration_pixelrefer import PIPELINE_TASK, check_processor_matches_config
 from .image_processing_pixelrefer import to_rgb_array
+from .processing_pixelrefer import check_region_placeholders
 from .region_utils import region_to_mask, validate_frame_index
 from .sam_utils import (
     POINT_REGION_HELP,
@@ -366,12 +367,7 @@ class RegionQAPipeline(Pipeline):
                 raise ValueError(f"{prefix}the question must not contain {token}; write <region> for each region")
         if not isinstance(regions, (list, tuple)):
             raise ValueError(f"{prefix}'regions' must be a list (one entry per <region>)")
-        num_placeholders = question.count("<region>")
-        if num_placeholders != len(regions):
-            raise ValueError(
-                f"{prefix}the question has {num_placeholders} <region> placeholder(s) but {len(regions)} region(s) "
-                "were given"
-            )
+        check_region_placeholders(where, question, len(regions))
         if ("image" in item) == ("video" in item):
             raise ValueError(f"{prefix}give exactly one of 'image' and 'video'")
         max_pixels = getattr(self.processor.image_processor, "max_image_pixels", None)

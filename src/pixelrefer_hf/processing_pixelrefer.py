@@ -10,6 +10,7 @@ The processor expands every placeholder into exactly the tokens the model will f
 """
 
 import re
+from collections.abc import Sequence
 
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -17,8 +18,22 @@ from transformers.utils import TensorType
 
 from .image_processing_pixelrefer import PixelReferSample, PixelReferSampleLayout
 
+# What users write for each region, in order; the processor expands it into object tokens.
+REGION_PLACEHOLDER = "<region>"
 # A visual tag with the newline that may follow it (Lite removes both), or a region placeholder.
 _PLACEHOLDER_PATTERN = re.compile(r"(?P<tag><image>|<video>)(?P<newline>\n?)|<region>")
+
+
+def check_region_placeholders(where: str, texts: str | Sequence[str], num_regions: int) -> None:
+    """The rule of every entry point (processor, pipeline, training rows): the text (or the user turns of a
+    conversation) holds exactly one `<region>` per region, in order. `where` names the sample, item or row."""
+    texts = [texts] if isinstance(texts, str) else texts
+    num_placeholders = sum(text.count(REGION_PLACEHOLDER) for text in texts)
+    if num_placeholders != num_regions:
+        raise ValueError(
+            f"{where + ': ' if where else ''}the text has {num_placeholders} {REGION_PLACEHOLDER} placeholder(s) "
+            f"but {num_regions} region(s) were given"
+        )
 
 
 class PixelReferProcessor(ProcessorMixin):
@@ -38,7 +53,7 @@ class PixelReferProcessor(ProcessorMixin):
 
     image_token = "<image>"
     region_token = "<REGION>"
-    region_placeholder = "<region>"
+    region_placeholder = REGION_PLACEHOLDER
     video_tag = "<video>"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
@@ -243,13 +258,8 @@ class PixelReferProcessor(ProcessorMixin):
                     f"{where}: the text already holds {self.region_token} tokens; write one "
                     f"{self.region_placeholder} per region instead"
                 )
-            num_placeholders = text.count(self.region_placeholder)
             num_regions = len(regions) if isinstance(regions, (list, tuple)) else 0 if regions is None else 1
-            if num_placeholders != num_regions:
-                raise ValueError(
-                    f"{where}: the text has {num_placeholders} {self.region_placeholder} placeholders but "
-                    f"{num_regions} regions were given"
-                )
+            check_region_placeholders(where, text, num_regions)
         sample = self.image_processor.prepare_sample(index, images, video, regions, video_timestamps)
         self.check_region_frames(
             where, [[frame for frame, _ in frames] for frames in sample.regions], multi_frame_regions
