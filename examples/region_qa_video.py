@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 from transformers import pipeline
 
-from pixelrefer_hf.video_io import read_video
+from pixelrefer_hf.media_io import read_video
 
 
 def write_clip(path: str, num_frames: int = 24, fps: int = 8) -> None:

@@ -19,7 +19,6 @@ from pixelrefer_hf.data import (
     build_region_chat_dataset,
     load_official_annotations,
     make_region_chat_row,
-    read_video_frames,
     region_chat_features,
     row_regions,
 )
@@ -232,19 +231,6 @@ def test_official_annotations_convert(official):
     assert rows[4]["timestamps"] == [0.0, 1.0, 1.5, 2.0]
     assert [entry["frame"] for entry in rows[4]["regions"][0]] == [2]
     np.testing.assert_array_equal(decoded(rows[4])[0][0][1], frame_mask)
-
-
-def test_read_video_frames_samples_and_keeps_annotated_frames(tmp_path):
-    write_video(tmp_path / "v.mp4", num_frames=12, fps=2)
-    frames, timestamps, numbers = read_video_frames(tmp_path / "v.mp4", required_frames=[3], fps=1.0)
-    assert numbers == [0, 2, 3, 4, 6, 8, 10] and timestamps == [n / 2 for n in numbers]
-    assert frames[0].size == (48, 32) and frames[0].mode == "RGB"
-    # The pixel value encodes the frame number (t * 9), up to codec error.
-    assert abs(int(np.asarray(frames[2]).mean()) - 27) <= 3
-    _, _, capped = read_video_frames(tmp_path / "v.mp4", fps=1.0, max_frames=3)
-    assert capped == [0, 6, 11]
-    with pytest.raises(ValueError, match="frame 20 is out of range"):
-        read_video_frames(tmp_path / "v.mp4", required_frames=[20])
 
 
 BAD_SAMPLES = [

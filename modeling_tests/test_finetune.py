@@ -146,7 +146,7 @@ def bad_rows(tmp_path) -> dict[str, tuple[dict, str]]:
     return {
         "placeholder": (placeholder, "2 <region> placeholder(s) but 1 region(s)"),
         "rle": (corrupt_rle, "RLE does not decode"),
-        "file": (missing_file, "does not exist"),
+        "file": (missing_file, "missing.png': no such file"),
         "empty": (empty, "the conversation is empty"),
         "no_answer": (no_answer, "no assistant turn"),
     }

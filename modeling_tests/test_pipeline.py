@@ -221,14 +221,14 @@ def test_the_pipeline_saves_its_code_and_the_model_alone_does_not(pipe, tmp_path
         }
     }
     saved = set(os.listdir(tmp_path / "pipeline"))
-    assert {"pipeline_region_qa.py", "sam_utils.py", "video_io.py", "processor_config.json"} <= saved
+    assert {"pipeline_region_qa.py", "sam_utils.py", "media_io.py", "processor_config.json"} <= saved
     assert not hasattr(pipe.model.config, "custom_pipelines")  # the in-memory config is left as it was
 
     pipe.model.save_pretrained(tmp_path / "model")
     pipe.processor.save_pretrained(tmp_path / "model")
     saved = set(os.listdir(tmp_path / "model"))
     assert "custom_pipelines" not in json.loads((tmp_path / "model" / "config.json").read_text())
-    assert not saved & {"pipeline_region_qa.py", "sam_utils.py", "video_io.py"}
+    assert not saved & {"pipeline_region_qa.py", "sam_utils.py", "media_io.py"}
     assert {"modeling_pixelrefer.py", "processing_pixelrefer.py"} <= saved
 
 

@@ -18,9 +18,8 @@ from safetensors.torch import save_file
 
 from pixelrefer_hf import PixelReferImageProcessor, PixelReferProcessor, RegionQAPipeline
 from pixelrefer_hf.convert import ConversionError, check_inside_snapshot, load_weight_file, official_weight_files
-from pixelrefer_hf.pipeline_region_qa import _load_image
+from pixelrefer_hf.media_io import av, load_image, read_video
 from pixelrefer_hf.testing import tiny_model_and_processor
-from pixelrefer_hf.video_io import av, read_video
 
 IMAGE = np.random.default_rng(1).integers(0, 256, (20, 28, 3), dtype=np.uint8)
 
@@ -49,7 +48,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def load_outcome(path: Path):
     try:
-        return _load_image(str(path), "image")
+        return load_image(str(path), "image")
     except ValueError as error:
         assert str(error).startswith("image: cannot read image"), error
         assert str(path) in str(error)
@@ -92,7 +91,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     path = tmp_path / "big.png"
     path.write_bytes(png_header_only(400, 400))
     with pytest.raises(ValueError, match="image: image .* is 400x400 = 160000 pixels, more than max_image_pixels=1000"):
-        _load_image(str(path), "image", max_pixels=1000)
+        load_image(str(path), "image", max_pixels=1000)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import torch
 from transformers import SamConfig, SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from pixelrefer_hf import RegionQAPipeline, video_io
+from pixelrefer_hf import RegionQAPipeline, media_io
+from pixelrefer_hf.media_io import read_video
 from pixelrefer_hf.sam_utils import SamMaskPredictor, parse_point_region
 from pixelrefer_hf.testing import tiny_model_and_processor
-from pixelrefer_hf.video_io import read_video
 
 HEIGHT, WIDTH = 48, 64
 QUESTION = "What is <region>?"
@@ -90,7 +90,7 @@ def image(seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# video_io
+# media_io
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -129,7 +129,7 @@ def test_read_video_errors(tmp_path, monkeypatch):
         read_video(silent)
     with pytest.raises(ValueError, match="fps"):
         read_video(garbage, fps=0)
-    monkeypatch.setattr(video_io, "av", None)
+    monkeypatch.setattr(media_io, "av", None)
     with pytest.raises(ImportError, match=r"pixelrefer-hf\[video\]"):
         read_video(garbage)
 

@@ -128,8 +128,8 @@ def _check_model_name(name: str) -> None:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from .pipeline_region_qa import RegionQAPipeline, _load_image
-    from .video_io import read_video
+    from .media_io import load_image, read_video
+    from .pipeline_region_qa import RegionQAPipeline
 
     regions = [parse_region(kind, text) for kind, text in args.regions or []]
     if any(kind == "point" for kind, _ in args.regions or []) and not args.sam_model:
@@ -152,7 +152,7 @@ def _ask(args: argparse.Namespace) -> int:
         item["regions"] = [{args.frame: region} for region in regions]
     else:
         # Read before the model loads, so that an unreadable file is reported at once.
-        item.update(image=_load_image(args.media, "image"), regions=regions)
+        item.update(image=load_image(args.media, "image"), regions=regions)
 
     model, processor = load_model_and_processor(args.model)
     pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa", device=args.device)
@@ -242,6 +242,8 @@ def _convert(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .media_io import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+
     parser = argparse.ArgumentParser(
         prog="pixelrefer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -275,8 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--sam2-model", help="SAM2 video checkpoint (folder or repo id) used by --propagate")
     ask.add_argument("--frame", type=int, default=0, help="video: decoded frame the regions are drawn on (default 0)")
-    ask.add_argument("--fps", type=float, default=1.0, help="video: frames sampled per second (default 1)")
-    ask.add_argument("--max-frames", type=int, default=32, help="video: at most this many frames (default 32)")
+    ask.add_argument(
+        "--fps", type=float, default=DEFAULT_FPS, help=f"video: frames sampled per second (default {DEFAULT_FPS:g})"
+    )
+    ask.add_argument(
+        "--max-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"video: at most this many frames (default {DEFAULT_MAX_FRAMES})",
+    )
     ask.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     ask.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ask.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging
 
-from .data import IMAGE_TAG, ROLES, VIDEO_TAG, load_image, row_regions
+from .data import IMAGE_TAG, ROLES, VIDEO_TAG, row_regions
+from .media_io import load_image
 from .processing_pixelrefer import REGION_PLACEHOLDER, check_region_placeholders
 
 logger = logging.get_logger(__name__)

@@ -23,9 +23,7 @@ The official PixelRefer / VideoRefer-700K / Osprey-style training files (a JSON 
 [`load_official_annotations`]. This module is not remote code: it is never copied into a checkpoint folder.
 """
 
-import io
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,13 +33,9 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from transformers.utils import logging
 
+from .media_io import DEFAULT_FPS, DEFAULT_MAX_FRAMES, displayed_image_size, read_video
 from .processing_pixelrefer import check_region_placeholders
 from .region_utils import polygons_to_mask, region_to_mask, rle_decode, rle_encode
-
-try:
-    import av
-except ImportError:  # the `video` extra; only official *video file* annotations need it
-    av = None
 
 logger = logging.get_logger(__name__)
 
@@ -237,31 +231,6 @@ def synthetic_region_chat_dataset(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_image(value, where: str) -> PILImage.Image:
-    """Open an image given as a path or a `datasets` `{"bytes", "path"}` dict as an RGB PIL image; PIL images are
-    converted to RGB and numpy / torch arrays are passed through (the processor reads them as they are)."""
-    if isinstance(value, PILImage.Image):
-        return value.convert("RGB")
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        source = io.BytesIO(value["bytes"])
-        name = value.get("path") or "embedded bytes"
-    elif isinstance(value, dict) and value.get("path"):
-        source = name = value["path"]
-    elif isinstance(value, (str, Path)):
-        source = name = str(value)
-    else:
-        raise ValueError(f"{where}: cannot read an image from {type(value).__name__}")
-    try:
-        with PILImage.open(source) as image:
-            return image.convert("RGB")
-    except FileNotFoundError as error:
-        raise ValueError(f"{where}: image file {name} does not exist") from error
-    except (OSError, PILImage.UnidentifiedImageError) as error:
-        raise ValueError(f"{where}: cannot read image {name}: {error}") from error
-
-
 def row_regions(row: dict) -> list:
     """The row's regions in the form `PixelReferProcessor` takes: an RLE per image region, `{frame: rle}` per video
     region. Every RLE is decoded once here so that a corrupt one is reported (`"region 1, frame 0: ..."`) before the
@@ -346,50 +315,6 @@ def official_conversation_to_messages(conversations, where: str) -> list[dict]:
     return messages
 
 
-def _sample_frame_indices(num_frames: int, video_fps: float, fps: float, max_frames: int) -> list[int]:
-    """Frame numbers sampled at `fps` (1 fps in the official recipe), or `max_frames` evenly spread when the video is
-    longer than `max_frames` seconds of sampling."""
-    step = video_fps / fps
-    indices = sorted({min(num_frames - 1, int(round(i * step))) for i in range(max(1, math.ceil(num_frames / step)))})
-    if len(indices) > max_frames:
-        indices = sorted({int(round(x)) for x in np.linspace(0, num_frames - 1, max_frames)})
-    return indices
-
-
-def read_video_frames(
-    path: str | Path, required_frames: Iterable[int] = (), fps: float = 1.0, max_frames: int = 180
-) -> tuple[list[PILImage.Image], list[float], list[int]]:
-    """Decode a video file with PyAV: frames sampled at `fps` plus every frame in `required_frames` (the annotated
-    ones, given as absolute frame numbers).
-
-    Returns:
-        `(frames, timestamps, frame_numbers)`: RGB PIL frames in ascending order, their times in seconds
-        (`frame_number / video_fps`) and their absolute frame numbers.
-    """
-    if av is None:
-        raise ImportError("reading video files needs PyAV: pip install 'pixelrefer-hf[video]'")
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        video_fps = float(stream.average_rate or stream.guessed_rate or 1)
-        num_frames = stream.frames
-        if not num_frames:
-            # Some containers do not store the frame count; one cheap demux pass counts the packets.
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0)
-        required = {int(f) for f in required_frames}
-        if required and max(required) >= num_frames:
-            raise ValueError(f"frame {max(required)} is out of range for {path} with {num_frames} frames")
-        wanted = set(_sample_frame_indices(num_frames, video_fps, fps, max_frames)) | required
-        frames, numbers = [], []
-        for number, frame in enumerate(container.decode(stream)):
-            if number in wanted:
-                frames.append(frame.to_image().convert("RGB"))
-                numbers.append(number)
-            if number >= max(wanted):
-                break
-    return frames, [n / video_fps for n in numbers], numbers
-
-
 def _official_frame_key(key, where: str) -> int:
     """A mask's frame key (`"3"` in JSON, or `3`) as an int."""
     try:
@@ -401,25 +326,30 @@ def _official_frame_key(key, where: str) -> int:
 
 
 def _official_image_size(path: Path, what: str, where: str) -> tuple[int, int]:
-    """`(width, height)` of an image file, read from its header."""
+    """`(width, height)` of an image file as `media_io.load_image` will give it (EXIF orientation applied), read from
+    its header."""
+    if not path.is_file():
+        raise ValueError(f"{where}: {what} {path} does not exist")
     try:
-        with PILImage.open(path) as opened:
-            return opened.size
-    except FileNotFoundError as error:
-        raise ValueError(f"{where}: {what} {path} does not exist") from error
+        return displayed_image_size(path)
     except (OSError, SyntaxError, PILImage.DecompressionBombError) as error:
         raise ValueError(f"{where}: cannot read {what} {path}: {error}") from error
 
 
 def convert_official_sample(
-    sample: dict, index: int, media_root: str | Path, video_fps: float = 1.0, max_frames: int = 180
+    sample: dict,
+    index: int,
+    media_root: str | Path,
+    video_fps: float = DEFAULT_FPS,
+    max_frames: int | None = DEFAULT_MAX_FRAMES,
 ) -> dict:
     """Convert one official annotation (official_spec §7.2) into a region-chat row.
 
     * `image`: a path relative to `media_root` (or a one-element list); stored as a path, opened by the collator.
-    * `video`: a one-element list with a video file (decoded here with PyAV at `video_fps`, plus every annotated frame,
-      since the processor takes each region's crop from the video's own frames), or a list of frame images with
-      `timestamps` (mask frame keys are then positions in that list).
+    * `video`: a one-element list with a video file (decoded here by `media_io.read_video`, the pipeline's decoder,
+      at `video_fps` with at most `max_frames` grid frames, plus every annotated frame, since the processor takes each
+      region's crop from the video's own frames), or a list of frame images with `timestamps` (mask frame keys are
+      then positions in that list).
     * `masks`: one entry per `<region>`, in order: an RLE / uncompressed RLE / polygon list for an image, a
       `{"<frame>": mask}` dict for a video. Polygons need `height` / `width` (read from the image file when absent).
     * `conversations`: `{"from", "value"}` turns with `<region>` placeholders and optional `<image>` / `<video>` tags.
@@ -437,45 +367,16 @@ def convert_official_sample(
     if not isinstance(masks, list):
         raise ValueError(f"{where}: 'masks' must be a list (one mask per <region>), got {type(masks).__name__}")
     check_region_placeholders(where, [message["content"] for message in messages], len(masks))
-    height, width = sample.get("height"), sample.get("width")
-    size = []
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # `480.0` in some JSON files
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: '{name}' must be a positive integer, got {value!r}")
-        size.append(value)
-    height, width = size
+    size = _official_mask_size(sample, where)
+    row = {"id": row_id, "image": None, "frames": [], "timestamps": [], "regions": [], "messages": messages}
 
     if sample.get("image") is not None:
-        image = sample["image"]
-        if isinstance(image, list):
-            if len(image) != 1:
-                raise ValueError(f"{where}: only single-image samples are supported, got {len(image)} images")
-            image = image[0]
-        if not isinstance(image, str):
-            raise ValueError(f"{where}: 'image' must be a path, got {type(image).__name__}")
-        image_path = media_root / image
-        if masks and (height is None or width is None):
-            width, height = _official_image_size(image_path, "image file", where)
-        regions = [
-            [{"frame": 0, "rle": official_mask_to_rle(mask, height, width, f"{where}, region {j}")}]
-            for j, mask in enumerate(masks)
-        ]
-        return {
-            "id": row_id,
-            "image": str(image_path),
-            "frames": [],
-            "timestamps": [],
-            "regions": regions,
-            "messages": messages,
-        }
-
+        return {**row, **_official_image_media(sample["image"], masks, size, media_root, where)}
     video = sample.get("video")
     if video is None:
         if masks:
             raise ValueError(f"{where}: masks were given without an image or video")
-        return {"id": row_id, "image": None, "frames": [], "timestamps": [], "regions": [], "messages": messages}
+        return row
     video = [video] if isinstance(video, str) else video
     if not isinstance(video, list) or not video or not all(isinstance(path, str) for path in video):
         raise ValueError(f"{where}: 'video' must be a path or a list of paths")
@@ -484,56 +385,100 @@ def convert_official_sample(
             raise ValueError(f"{where}, region {j}: a video mask must be a dict {{frame_index: mask}}")
     annotated = sorted({_official_frame_key(k, f"{where}, region {j}") for j, mask in enumerate(masks) for k in mask})
     if len(video) == 1:
-        video_path = media_root / video[0]
-        if not video_path.exists():
-            raise ValueError(f"{where}: video file {video_path} does not exist")
-        try:
-            frames, timestamps, numbers = read_video_frames(video_path, annotated, video_fps, max_frames)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from error
-        position = {number: k for k, number in enumerate(numbers)}
+        media = _official_video_file_media(media_root / video[0], annotated, video_fps, max_frames, where)
     else:
-        frames = [str(media_root / f) for f in video]
-        timestamps = sample.get("timestamps")
-        timestamps = list(range(len(frames))) if timestamps is None else timestamps
-        try:
-            timestamps = [float(t) for t in timestamps]
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: 'timestamps' must be a list of numbers, one per frame") from error
-        if len(timestamps) != len(frames):
-            raise ValueError(f"{where}: {len(timestamps)} timestamps for {len(frames)} frames")
-        if annotated and not 0 <= annotated[-1] < len(frames):
-            raise ValueError(f"{where}: mask frame {annotated[-1]} is out of range for {len(frames)} frames")
-        position = {k: k for k in range(len(frames))}
-        if masks and (height is None or width is None) and annotated:
-            width, height = _official_image_size(Path(frames[annotated[0]]), "frame file", where)
-    if frames and isinstance(frames[0], PILImage.Image):
-        height, width = frames[0].height, frames[0].width
+        media = _official_frame_list_media(video, sample.get("timestamps"), annotated, media_root, where)
+    position = media.pop("position")
+    if media["frames"] and isinstance(media["frames"][0], PILImage.Image):
+        size = (media["frames"][0].height, media["frames"][0].width)
+    elif masks and None in size and annotated:
+        width, height = _official_image_size(Path(media["frames"][annotated[0]]), "frame file", where)
+        size = (height, width)
     regions = []
     for j, mask in enumerate(masks):
         entries = sorted(mask.items(), key=lambda item: _official_frame_key(item[0], where))
         regions.append(
             [
-                {"frame": position[int(k)], "rle": official_mask_to_rle(m, height, width, f"{where}, region {j}")}
+                {"frame": position[int(k)], "rle": official_mask_to_rle(m, *size, f"{where}, region {j}")}
                 for k, m in entries
             ]
         )
+    return {**row, **media, "regions": regions}
+
+
+def _official_mask_size(sample: dict, where: str) -> tuple[int | None, int | None]:
+    """`(height, width)` the sample states for its masks (needed by polygons), each `None` when absent."""
+    size = []
+    for name in ("height", "width"):
+        value = sample.get(name)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # `480.0` in some JSON files
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: '{name}' must be a positive integer, got {value!r}")
+        size.append(value)
+    return size[0], size[1]
+
+
+def _official_image_media(image, masks: list, size: tuple, media_root: Path, where: str) -> dict:
+    """The `image` and `regions` of an image sample: the path (opened by the collator) and one RLE per mask."""
+    if isinstance(image, list):
+        if len(image) != 1:
+            raise ValueError(f"{where}: only single-image samples are supported, got {len(image)} images")
+        image = image[0]
+    if not isinstance(image, str):
+        raise ValueError(f"{where}: 'image' must be a path, got {type(image).__name__}")
+    image_path = media_root / image
+    height, width = size
+    if masks and (height is None or width is None):
+        width, height = _official_image_size(image_path, "image file", where)
+    regions = [
+        [{"frame": 0, "rle": official_mask_to_rle(mask, height, width, f"{where}, region {j}")}]
+        for j, mask in enumerate(masks)
+    ]
+    return {"image": str(image_path), "regions": regions}
+
+
+def _official_video_file_media(
+    path: Path, annotated: list[int], fps: float, max_frames: int | None, where: str
+) -> dict:
+    """Frames of a video file decoded as the pipeline decodes it, plus the annotated frames; `position` maps a
+    source frame number to its place among the kept frames."""
+    if not path.exists():
+        raise ValueError(f"{where}: video file {path} does not exist")
+    try:
+        video = read_video(path, fps=fps, max_frames=max_frames, required_frames=annotated)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
     return {
-        "id": row_id,
-        "image": None,
-        "frames": frames,
-        "timestamps": [float(t) for t in timestamps],
-        "regions": regions,
-        "messages": messages,
+        "frames": [PILImage.fromarray(frame) for frame in video.frames],
+        "timestamps": [float(t) for t in video.timestamps],
+        "position": {number: k for k, number in enumerate(video.frame_numbers)},
     }
+
+
+def _official_frame_list_media(
+    frames: list[str], timestamps, annotated: list[int], media_root: Path, where: str
+) -> dict:
+    """A video given as frame image files (opened by the collator); mask frame keys are positions in the list."""
+    paths = [str(media_root / frame) for frame in frames]
+    timestamps = list(range(len(paths))) if timestamps is None else timestamps
+    try:
+        timestamps = [float(t) for t in timestamps]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: 'timestamps' must be a list of numbers, one per frame") from error
+    if len(timestamps) != len(paths):
+        raise ValueError(f"{where}: {len(timestamps)} timestamps for {len(paths)} frames")
+    if annotated and not 0 <= annotated[-1] < len(paths):
+        raise ValueError(f"{where}: mask frame {annotated[-1]} is out of range for {len(paths)} frames")
+    return {"frames": paths, "timestamps": timestamps, "position": {k: k for k in range(len(paths))}}
 
 
 def load_official_annotations(
     path: str | Path,
     media_root: str | Path | None = None,
     skip_bad_samples: bool = False,
-    video_fps: float = 1.0,
-    max_frames: int = 180,
+    video_fps: float = DEFAULT_FPS,
+    max_frames: int | None = DEFAULT_MAX_FRAMES,
     decode_images: bool = False,
 ) -> Dataset:
     """Convert an official annotation file (a JSON list, or JSON lines) into a region-chat `Dataset`.
@@ -543,7 +488,8 @@ def load_official_annotations(
         media_root: folder the `image` / `video` paths are relative to; defaults to the file's folder.
         skip_bad_samples (`bool`, *optional*, defaults to `False`): drop samples that cannot be converted (counted
             in one warning) instead of raising a `ValueError` that names the first one.
-        video_fps, max_frames: frame sampling of video files (official: 1 fps, at most 180 frames).
+        video_fps, max_frames: frame sampling of video files, the pipeline's by default (`media_io.read_video`:
+            1 fps, at most 32 grid frames; the official training recipe caps at 180 frames).
         decode_images: see [`region_chat_features`].
     """
     path = Path(path)
@@ -576,12 +522,10 @@ __all__ = [
     "build_region_chat_dataset",
     "convert_official_sample",
     "encode_region_mask",
-    "load_image",
     "load_official_annotations",
     "make_region_chat_row",
     "official_conversation_to_messages",
     "official_mask_to_rle",
-    "read_video_frames",
     "region_chat_features",
     "row_regions",
     "synthetic_region_chat_dataset",

@@ -8,7 +8,7 @@
 Each item is a dict `{"image" | "video": ..., "regions": [...], "question": "... <region> ..."}`; a list of items is
 answered in real batches of `batch_size` (one left-padded `generate` call per batch). Regions are whatever
 [`PixelReferProcessor`] accepts (masks, boxes, COCO RLE, polygons) plus point prompts, which a SAM checkpoint named by
-`sam_model=` turns into masks. Videos are lists of frames or paths to files decoded with PyAV (`video_io.py`); with
+`sam_model=` turns into masks. Videos are lists of frames or paths to files decoded with PyAV (`media_io.py`); with
 `propagate_regions=True` a SAM2 video checkpoint named by `sam2_model=` carries each region to every frame.
 """
 
@@ -21,12 +21,11 @@ from itertools import islice
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from transformers import GenerationConfig, Pipeline
 from transformers.utils import logging
 
 from .configuration_pixelrefer import PIPELINE_TASK, check_processor_matches_config
-from .image_processing_pixelrefer import to_rgb_array
+from .media_io import DEFAULT_FPS, DEFAULT_MAX_FRAMES, load_image, read_video
 from .processing_pixelrefer import check_region_placeholders
 from .region_utils import region_to_mask, validate_frame_index
 from .sam_utils import (
@@ -38,7 +37,6 @@ from .sam_utils import (
     parse_box,
     parse_point_region,
 )
-from .video_io import read_video
 
 logger = logging.get_logger(__name__)
 
@@ -53,30 +51,6 @@ def _is_box(region) -> bool:
         and len(region) == 4
         and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in region)
     )
-
-
-def _load_image(image, where: str, max_pixels: int | None = None) -> np.ndarray:
-    """A PIL image, array, tensor or local file path -> `(H, W, 3)` RGB uint8. A file larger than `max_pixels` (or
-    than Pillow's decompression-bomb limit) is refused from its header, before its pixels are decoded."""
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with Image.open(path) as opened:
-                if max_pixels is not None and opened.width * opened.height > max_pixels:
-                    raise ValueError(
-                        f"{where}: image {path!r} is {opened.height}x{opened.width} = {opened.width * opened.height} "
-                        f"pixels, more than max_image_pixels={max_pixels} (an image processor option)"
-                    )
-                # Apply the EXIF orientation: region coordinates refer to the picture as viewers display it.
-                image = ImageOps.exif_transpose(opened).convert("RGB")
-        except (OSError, Image.DecompressionBombError, SyntaxError) as error:
-            # SyntaxError: how some Pillow plugins report a malformed header.
-            raise ValueError(f"{where}: cannot read image {path!r}: {error}") from error
-        except ValueError as error:
-            if str(error).startswith(where):
-                raise
-            raise ValueError(f"{where}: cannot read image {path!r}: {error}") from error
-    return to_rgb_array(image, where)
 
 
 def _item_error(where: str, error: ValueError) -> str:
@@ -343,8 +317,8 @@ class RegionQAPipeline(Pipeline):
         where: str = "",
         sam_model: str | None = None,
         box_to_mask: str = "box",
-        fps: float = 1.0,
-        max_frames: int | None = 32,
+        fps: float = DEFAULT_FPS,
+        max_frames: int | None = DEFAULT_MAX_FRAMES,
         propagate_regions: bool = False,
         sam2_model: str | None = None,
     ) -> dict:
@@ -378,7 +352,7 @@ class RegionQAPipeline(Pipeline):
         if "image" in item:
             if item.get("video_timestamps") is not None:
                 raise ValueError(f"{prefix}'video_timestamps' were given for an image")
-            image = _load_image(item["image"], f"{prefix}image", max_pixels)
+            image = load_image(item["image"], f"{prefix}image", max_pixels)
             masks = [region_mask(region, image, f"{prefix}region {j}") for j, region in enumerate(regions)]
             content_type, images, video, timestamps = "image", [image], None, None
         else:
@@ -504,7 +478,7 @@ class RegionQAPipeline(Pipeline):
                 f"{prefix}the video has {len(video)} frames, more than max_video_frames={max_video_frames} (an image "
                 "processor option); sample fewer frames"
             )
-        frames = [_load_image(frame, f"{prefix}frame {t}", max_pixels) for t, frame in enumerate(video)]
+        frames = [load_image(frame, f"{prefix}frame {t}", max_pixels) for t, frame in enumerate(video)]
         if timestamps is None:
             return frames, None
         try:
