@@ -682,17 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     # Show this module's notes (dropped parameters, where the output went) without raising transformers' verbosity.
     std_logging.basicConfig(level=std_logging.INFO, format="%(message)s")
     try:
-        convert_checkpoint(
-            args.official,
-            args.out,
-            variant=args.variant,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            model_card=args.model_card,
-            push_to_hub=args.push_to_hub,
-            overwrite=args.overwrite,
-            resize_backend=args.resize_backend,
-        )
+        # Every option of the parser is a keyword of convert_checkpoint under the same name.
+        options = {name: value for name, value in vars(args).items() if name not in ("official", "out")}
+        convert_checkpoint(args.official, args.out, **options)
     except ConversionError as error:
         sys.stderr.write(f"error: {error}\n")
         return 1

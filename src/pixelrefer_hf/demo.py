@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from .configuration_pixelrefer import PixelReferConfig
-from .testing import processor_for_config
+from .testing import config_for_tokenizer, processor_for_config
 from .tokenizer_assets import build_tiny_tokenizer
 
 DEMO_CHECKPOINT_ROOT = Path(__file__).parent / "demo_checkpoints"
@@ -74,19 +74,8 @@ DEMO_IMAGE_PROCESSOR_OPTIONS = {
 def demo_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
     """The configuration of the demo checkpoints, with token ids from `tokenizer` (the tiny offline one by default)."""
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    text_config = {
-        **DEMO_TEXT_CONFIG,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    return PixelReferConfig(
-        variant=variant,
-        text_config=text_config,
-        vision_config=dict(DEMO_VISION_CONFIG),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        region_token_id=tokenizer.convert_tokens_to_ids("<REGION>"),
-        **{**DEMO_DEFAULTS, **overrides},
+    return config_for_tokenizer(
+        variant, tokenizer, DEMO_TEXT_CONFIG, DEMO_VISION_CONFIG, **{**DEMO_DEFAULTS, **overrides}
     )
 
 

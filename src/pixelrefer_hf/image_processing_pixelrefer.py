@@ -57,6 +57,18 @@ DEFAULT_MAX_REGIONS_PER_SAMPLE = 512
 DEFAULT_MAX_VIDEO_FRAMES = 1024
 DEFAULT_MAX_PROMPT_CHARS = 1_000_000
 RESOURCE_LIMITS = ("max_image_pixels", "max_regions_per_sample", "max_video_frames", "max_prompt_chars")
+# The options of VideoLLaMA3's `_preprocess` that global images and frames take from the processor as they are.
+_VIDEOLLAMA3_PREPROCESS_SETTINGS = (
+    "do_resize",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "patch_size",
+    "temporal_patch_size",
+)
 
 
 def _opencv():
@@ -756,20 +768,15 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         num_frames = len(sample.frames)
         max_pixels = self.max_visual_tokens * merge**2 * self.patch_size**2 // num_frames
         try:
+            # VideoLLaMA3's own resize / rescale / normalise / patchify with this processor's settings; only the
+            # pixel budget (shared by the sample's frames) and the merge size differ per sample.
+            settings = {name: getattr(self, name) for name in _VIDEOLLAMA3_PREPROCESS_SETTINGS}
             processed = self._preprocess(
                 [frame.transpose(2, 0, 1) for frame in sample.frames],  # (3, H, W) uint8, channels first
-                do_resize=self.do_resize,
                 size=SizeDict(shortest_edge=self.size.shortest_edge, longest_edge=max_pixels),
-                resample=self.resample,
-                do_rescale=self.do_rescale,
-                rescale_factor=self.rescale_factor,
-                do_normalize=self.do_normalize,
-                image_mean=self.image_mean,
-                image_std=self.image_std,
-                patch_size=self.patch_size,
-                temporal_patch_size=self.temporal_patch_size,
                 merge_size=merge,
                 return_tensors=None,
+                **settings,
             )
         except ValueError as error:  # e.g. smart_resize rejects an aspect ratio above 200
             raise ValueError(f"sample {sample_index}: {error}") from error

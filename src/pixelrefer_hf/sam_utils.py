@@ -105,6 +105,18 @@ def parse_point_region(region: dict, image_size: tuple[int, int], where: str) ->
     }
 
 
+def _check_checkpoint_type(checkpoint: str, name: str, option: str, model_type: str, requirement: str):
+    """The config of `checkpoint`, refused with one line naming `option` when it cannot load or is not a
+    `model_type` checkpoint (`requirement` says what is needed)."""
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the {name} checkpoint {checkpoint!r}: {error}") from error
+    if config.model_type != model_type:
+        raise ValueError(f"{option} {checkpoint!r} is a {config.model_type!r} checkpoint; {requirement}")
+    return config
+
+
 class SamMaskPredictor:
     """Predict one binary mask per prompt with a SAM checkpoint, loaded on first use.
 
@@ -122,16 +134,14 @@ class SamMaskPredictor:
 
     def _load(self) -> tuple[SamModel, SamProcessor]:
         if self._model is None:
-            try:
-                config = AutoConfig.from_pretrained(self.checkpoint)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"cannot load the SAM checkpoint {self.checkpoint!r}: {error}") from error
-            if config.model_type != "sam":
-                raise ValueError(
-                    f"sam_model {self.checkpoint!r} is a {config.model_type!r} checkpoint; only SAM checkpoints "
-                    "(model_type 'sam', e.g. facebook/sam-vit-base) are supported, because transformers' SAM2 "
-                    "processors need torchvision, which pixelrefer-hf does not install"
-                )
+            _check_checkpoint_type(
+                self.checkpoint,
+                "SAM",
+                "sam_model",
+                "sam",
+                "only SAM checkpoints (model_type 'sam', e.g. facebook/sam-vit-base) are supported, because "
+                "transformers' SAM2 processors need torchvision, which pixelrefer-hf does not install",
+            )
             logger.info(f"Loading SAM from {self.checkpoint}")
             self._processor = SamProcessor.from_pretrained(self.checkpoint)
             self._model = SamModel.from_pretrained(self.checkpoint).to(self.device).eval()
@@ -349,15 +359,14 @@ class Sam2VideoPropagator:
 
     def _load(self) -> tuple[Sam2VideoModel, Sam2FramePreprocessing]:
         if self._model is None:
-            try:
-                config = AutoConfig.from_pretrained(self.checkpoint)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"cannot load the SAM2 checkpoint {self.checkpoint!r}: {error}") from error
-            if config.model_type != "sam2_video":
-                raise ValueError(
-                    f"sam2_model {self.checkpoint!r} is a {config.model_type!r} checkpoint; mask propagation needs a "
-                    "SAM2 video checkpoint (model_type 'sam2_video', e.g. facebook/sam2.1-hiera-tiny)"
-                )
+            config = _check_checkpoint_type(
+                self.checkpoint,
+                "SAM2",
+                "sam2_model",
+                "sam2_video",
+                "mask propagation needs a SAM2 video checkpoint (model_type 'sam2_video', e.g. "
+                "facebook/sam2.1-hiera-tiny)",
+            )
             logger.info(f"Loading SAM2 from {self.checkpoint}")
             self._preprocessing = Sam2FramePreprocessing.from_checkpoint(self.checkpoint, config.image_size)
             kwargs = {"dtype": self.dtype} if self.dtype is not None else {}
@@ -422,14 +431,9 @@ class Sam2VideoPropagator:
             return []
 
         model, preprocessing = self._load()
-        session = Sam2VideoInferenceSession(
-            video_height=height,
-            video_width=width,
-            inference_device=self.device,
-            inference_state_device=self.device,
-            video_storage_device=self.device,
-            dtype=model.dtype,
-        )
+        # Inference, its state and the frames all stay on the propagator's device.
+        devices = dict.fromkeys(("inference_device", "inference_state_device", "video_storage_device"), self.device)
+        session = Sam2VideoInferenceSession(video_height=height, video_width=width, dtype=model.dtype, **devices)
         for frame_index, frame in enumerate(frames):
             session.add_new_frame(preprocessing.frame(frame), frame_index)
 

@@ -39,25 +39,31 @@ TINY_DEFAULTS = {"num_object_tokens": 8, "oci_num_heads": 2}
 TINY_IMAGE_PROCESSOR_OPTIONS = {"max_visual_tokens": 1024}
 
 
-def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
-    """A PixelRefer config with 2-layer towers whose token ids come from `tokenizer` (the tiny one by default)."""
-    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+def config_for_tokenizer(variant: str, tokenizer, text_config: dict, vision_config: dict, **values) -> PixelReferConfig:
+    """A PixelRefer config of the given shapes whose vocabulary size and token ids (`<image>`, `<REGION>`, EOS, pad)
+    come from `tokenizer`; `values` are further config fields."""
     text_config = {
-        **TINY_TEXT_CONFIG,
+        **text_config,
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    values = {
-        "variant": variant,
-        "text_config": text_config,
-        "vision_config": dict(TINY_VISION_CONFIG),
-        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
-        "region_token_id": tokenizer.convert_tokens_to_ids("<REGION>"),
-        **TINY_DEFAULTS,
-        **overrides,
-    }
-    return PixelReferConfig(**values)
+    return PixelReferConfig(
+        variant=variant,
+        text_config=text_config,
+        vision_config=dict(vision_config),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        region_token_id=tokenizer.convert_tokens_to_ids("<REGION>"),
+        **values,
+    )
+
+
+def tiny_config(variant: str = "pixelrefer", tokenizer=None, **overrides) -> PixelReferConfig:
+    """A PixelRefer config with 2-layer towers whose token ids come from `tokenizer` (the tiny one by default)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    return config_for_tokenizer(
+        variant, tokenizer, TINY_TEXT_CONFIG, TINY_VISION_CONFIG, **{**TINY_DEFAULTS, **overrides}
+    )
 
 
 def processor_for_config(config: PixelReferConfig, tokenizer, **image_processor_options) -> PixelReferProcessor:
@@ -89,4 +95,4 @@ def tiny_model_and_processor(
     return model, processor_for_config(config, tokenizer, **options)
 
 
-__all__ = ["processor_for_config", "tiny_config", "tiny_model_and_processor"]
+__all__ = ["config_for_tokenizer", "processor_for_config", "tiny_config", "tiny_model_and_processor"]

@@ -110,6 +110,11 @@ def _require(condition: bool, record: dict[str, Any], message: str) -> None:
         raise EvalDataError(f"prediction record {message}", item=str(record.get("id")))
 
 
+def _counts(records: list, scored: int, errors: int, unparsed: int, judge) -> dict:
+    """The counts every judged benchmark reports beside its metrics, and the judge that scored."""
+    return {"items": len(records), "scored": scored, "errors": errors, "unparsed": unparsed, "judge": judge.describe()}
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -361,17 +366,13 @@ class DLCBench(Benchmark):
                 negatives.append(_mean(item_scores["negative"]))
 
         avg_pos, avg_neg = _mean(positives), _mean(negatives)
-        return {
+        metrics = {
             "avg_pos": None if avg_pos is None else 100 * avg_pos,
             "avg_neg": None if avg_neg is None else 100 * avg_neg,
             "avg": None if avg_pos is None or avg_neg is None else 100 * (avg_pos + avg_neg) / 2,
-            "items": len(records),
-            "scored": len(plan) - unparsed_items,
-            "errors": errors,
-            "unparsed": unparsed,
-            "unparsed_items": unparsed_items,
-            "judge": judge.describe(),
         }
+        counts = _counts(records, len(plan) - unparsed_items, errors, unparsed, judge)
+        return {**metrics, **counts, "unparsed_items": unparsed_items}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -604,16 +605,9 @@ class VideoReferBenchD(Benchmark):
         # As `3.analyze_score.py`: each dimension over the replies that gave it, then the mean of the four.
         averages = {key: _mean(values) for key, values in per_dimension.items()}
         known = [value for value in averages.values() if value is not None]
-        return {
-            **averages,
-            "average": _mean(known) if len(known) == len(averages) else None,
-            "items": len(records),
-            "scored": len(usable) - unparsed,
-            "errors": errors,
-            "unparsed": unparsed,
-            "incomplete": incomplete,
-            "judge": judge.describe(),
-        }
+        average = _mean(known) if len(known) == len(averages) else None
+        counts = _counts(records, len(usable) - unparsed, errors, unparsed, judge)
+        return {**averages, "average": average, **counts, "incomplete": incomplete}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -802,16 +796,9 @@ class FerretBenchReasoning(Benchmark):
         pairs = [ferret_parse_scores(reply) for reply in judge.chat_many(requests)]
         read = [pair for pair in pairs if pair is not None]
         model_mean, reference_mean = _mean([p[0] for p in read]), _mean([p[1] for p in read])
-        return {
-            "score": 100 * model_mean / reference_mean if read and reference_mean else None,
-            "model_mean": model_mean,
-            "reference_mean": reference_mean,
-            "items": len(records),
-            "scored": len(read),
-            "errors": errors,
-            "unparsed": len(pairs) - len(read),
-            "judge": judge.describe(),
-        }
+        score = 100 * model_mean / reference_mean if read and reference_mean else None
+        counts = _counts(records, len(read), errors, len(pairs) - len(read), judge)
+        return {"score": score, "model_mean": model_mean, "reference_mean": reference_mean, **counts}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -939,14 +926,8 @@ class RefL4Clair(Benchmark):
         scores = [clair_parse_score(reply) for reply in judge.chat_many(requests)]
         read = [s / 100 for s in scores if s is not None]
         mean = _mean(read)
-        return {
-            "clair": None if mean is None else 100 * mean,
-            "items": len(records),
-            "scored": len(read),
-            "errors": errors,
-            "unparsed": len(scores) - len(read),
-            "judge": judge.describe(),
-        }
+        counts = _counts(records, len(read), errors, len(scores) - len(read), judge)
+        return {"clair": None if mean is None else 100 * mean, **counts}
 
 
 # `refl4/gpt.py`'s system prompt, word for word (including its opening line break).
