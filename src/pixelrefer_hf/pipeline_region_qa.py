@@ -41,6 +41,16 @@ from .sam_utils import (
 logger = logging.get_logger(__name__)
 
 BOX_TO_MASK_MODES = ("box", "sam")
+# Call keywords that go to `preprocess` (and `skip_bad_items` to the batching); all others go to `generate`.
+PREPROCESS_OPTIONS = (
+    "sam_model",
+    "box_to_mask",
+    "fps",
+    "max_frames",
+    "propagate_regions",
+    "sam2_model",
+    "skip_bad_items",
+)
 # Tokens the processor writes itself; a question that already holds them would be expanded wrongly.
 _RESERVED_TOKENS = ("<REGION>", "<image>", "<video>")
 
@@ -163,35 +173,19 @@ class RegionQAPipeline(Pipeline):
     # Arguments
     # ------------------------------------------------------------------------------------------------------------
 
-    def _sanitize_parameters(
-        self,
-        sam_model: str | None = None,
-        box_to_mask: str | None = None,
-        fps: float | None = None,
-        max_frames: int | None = None,
-        propagate_regions: bool | None = None,
-        sam2_model: str | None = None,
-        skip_bad_items: bool | None = None,
-        **generate_kwargs,
-    ) -> tuple[dict, dict, dict]:
-        preprocess_params = {}
-        if sam_model is not None:
-            preprocess_params["sam_model"] = sam_model
-        if box_to_mask is not None:
-            if box_to_mask not in BOX_TO_MASK_MODES:
-                raise ValueError(f"box_to_mask must be one of {BOX_TO_MASK_MODES}, got {box_to_mask!r}")
-            preprocess_params["box_to_mask"] = box_to_mask
-        if fps is not None:
-            preprocess_params["fps"] = fps
-        if max_frames is not None:
-            preprocess_params["max_frames"] = max_frames
-        if propagate_regions is not None:
-            preprocess_params["propagate_regions"] = bool(propagate_regions)
-        if sam2_model is not None:
-            preprocess_params["sam2_model"] = sam2_model
-        if skip_bad_items is not None:
-            preprocess_params["skip_bad_items"] = skip_bad_items
-        forward_params = {"generate_kwargs": generate_kwargs} if generate_kwargs else {}
+    def _sanitize_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
+        """Route the call's keywords: those of `preprocess` (`PREPROCESS_OPTIONS`, None meaning "default") to it,
+        every other one to `generate`."""
+        preprocess_params = {
+            name: kwargs.pop(name) for name in PREPROCESS_OPTIONS if name in kwargs and kwargs[name] is not None
+        }
+        kwargs = {name: value for name, value in kwargs.items() if name not in PREPROCESS_OPTIONS}
+        box_to_mask = preprocess_params.get("box_to_mask")
+        if box_to_mask is not None and box_to_mask not in BOX_TO_MASK_MODES:
+            raise ValueError(f"box_to_mask must be one of {BOX_TO_MASK_MODES}, got {box_to_mask!r}")
+        if "propagate_regions" in preprocess_params:
+            preprocess_params["propagate_regions"] = bool(preprocess_params["propagate_regions"])
+        forward_params = {"generate_kwargs": kwargs} if kwargs else {}
         return preprocess_params, forward_params, {}
 
     def __call__(
