@@ -174,8 +174,11 @@ class DemoModels:
                 "without it, draw a box or brush a mask"
             )
         labels = None if points is None else [1] * len(points)
-        with self.sam_lock:
-            return self.sam_predictor.predict(image, points=points, labels=labels, box=box, where=where)
+        try:
+            with self.sam_lock:
+                return self.sam_predictor.predict(image, points=points, labels=labels, box=box, where=where)
+        except ValueError as error:  # no object at the click, a checkpoint that does not load, ...
+            raise DemoInputError(str(error)) from error
 
     def propagate(self, frames: list[np.ndarray], regions: list[dict[int, np.ndarray]]) -> list[dict[int, np.ndarray]]:
         """Every region's masks on all frames, as the pipeline computes them with `propagate_regions=True`: the
