@@ -294,7 +294,7 @@ def draw_overlay(
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(picture)
-    font = _font(max(12, min(picture.width, picture.height) // 24))
+    font = _font(max(12, min(picture.width, picture.height) // 16))
     labelled = {}
     for number, mask in [*faint, *masks]:
         labelled[number] = mask  # the given mask wins where a region has both
@@ -315,7 +315,8 @@ def draw_overlay(
         text_x, text_y = int(x0), int(y0) - (bottom - top) - 4
         if text_y < 0:
             text_y = int(y0) + 2
-        draw.rectangle(draw.textbbox((text_x, text_y), str(number), font=font), fill=(0, 0, 0))
+        left, top, right, bottom = draw.textbbox((text_x, text_y), str(number), font=font)
+        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=(0, 0, 0))
         draw.text((text_x, text_y), str(number), fill=color, font=font)
     if corner is not None:
         x, y = corner[0] * scale + scale // 2, corner[1] * scale + scale // 2
@@ -747,18 +748,20 @@ def _pipeline_errors(answers: Iterator[str]) -> Iterator[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Status texts are Markdown, which would swallow `<region>` as an HTML tag: messages are escaped.
 def _ok(text: str) -> str:
-    return f"{text[:1].upper()}{text[1:]}." if text else ""
+    return html.escape(f"{text[:1].upper()}{text[1:]}.") if text else ""
 
 
 def _error(error: BaseException) -> str:
-    return f"**Error:** {error}"
+    return f"**Error:** {html.escape(str(error))}"
 
 
 def _unexpected(error: BaseException) -> str:
     # The visitor sees one line; the traceback goes to the server log.
     logger.error("web demo: unexpected error", exc_info=error)
-    return f"**Error:** the server failed on this request ({type(error).__name__}: {error}); it keeps serving"
+    failure = html.escape(f"{type(error).__name__}: {error}")
+    return f"**Error:** the server failed on this request ({failure}); it keeps serving"
 
 
 def _model_banner(models: DemoModels) -> str:
@@ -791,6 +794,12 @@ def build_app(
 
     Launch it with [`launch_app`] (offline settings) or mount it in a FastAPI app with `gr.mount_gradio_app`."""
     gr = _import_gradio()
+    try:
+        # Gradio imports matplotlib (when installed) inside every event; two first events at once can see a half
+        # imported module and fail. Importing it here, once, avoids that race.
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
     click_modes = [CLICK_BOX, CLICK_SAM] if models.sam_model else [CLICK_BOX]
 
     def image_outputs(session: ImageSession, status: str):
