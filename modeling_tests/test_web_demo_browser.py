@@ -159,3 +159,24 @@ def test_two_sessions_at_once_keep_their_own_regions_and_answers(server, browser
     expect(first.locator("#image-regions")).not_to_contain_text("140,30,184,74")
     first.close()
     second.close()
+
+
+def test_video_tab_in_the_browser(server, browser_context):
+    from playwright.sync_api import expect
+
+    context, external = browser_context
+    page = open_page(context, server)
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#video-ask").click()
+    expect(page.locator("#video-status")).to_contain_text("upload a video (or load the example) first")
+    page.locator("#video-example").click()
+    expect(page.locator("#video-status")).to_contain_text("Example video loaded")
+    page.locator("#video-box input, #video-box textarea").first.fill("134,88,154,108")
+    page.locator("#video-add-box").click()
+    expect(page.locator("#video-regions")).to_contain_text("frame 0: box 134,88,154,108")
+    page.locator("#video-ask").click()
+    expect(page.locator("#video-status")).to_contain_text("Answered in")
+    answer = page.locator("#video-answer textarea").input_value()
+    assert answer in {"up", "down", "left", "right"}, answer
+    assert external == [], f"the page asked other hosts for {external}"
+    page.close()
