@@ -50,6 +50,8 @@ IMAGE_QUESTIONS = (
     "Is <region> larger than <region>?",
 )
 VIDEO_QUESTIONS = ("Which way does <region> move?", "What is <region>?")
+# Brush radius in picture pixels: fine enough for the small shapes of the demo scenes.
+BRUSH_RADIUS = 6
 CLICK_BOX = "box corners"
 CLICK_SAM = "SAM point"
 NEW_REGION = "new region"
@@ -879,7 +881,7 @@ def build_app(
                             transforms=[],
                             layers=False,
                             format="png",
-                            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                            brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#ff00ff"], color_mode="fixed"),
                             elem_id="brush-editor",
                         )
                         with gr.Row():
