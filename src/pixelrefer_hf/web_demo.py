@@ -413,7 +413,11 @@ def read_video_upload(
 ) -> tuple[list[np.ndarray], list[float]]:
     """An uploaded video file -> frames and timestamps (`pixelrefer_hf.video_io.read_video`), with errors that name
     the file the visitor chose rather than the server's temporary copy."""
-    from .video_io import read_video
+    try:
+        # Main renames `video_io` to `media_io` (same `read_video`); either name works, so this merges cleanly.
+        from .media_io import read_video
+    except ImportError:
+        from .video_io import read_video
 
     if not path:
         raise DemoInputError("no file was uploaded")
