@@ -261,3 +261,54 @@ def test_examples_run_on_the_demo_model():
     assert pipeline_out.count("{'answer': ") == 5 and "{'error': 'item 4: " in pipeline_out
     assert "decoded 3 frames at [0.0, 1.0, 2.0] s" in video_out and video_out.count("{'answer': ") == 3
     assert "What is <region>? -> " in streaming_out
+
+
+def test_web_passes_its_options_to_the_server(monkeypatch, capsys):
+    from pixelrefer_hf import web_demo
+
+    calls = []
+    monkeypatch.setattr(web_demo, "serve", lambda **options: calls.append(options))
+    argv = ["web", "--model", "demo-lite", "--sam-model", "sam", "--sam2-model", "sam2", "--host", "0.0.0.0"]
+    status, _, err = run_cli([*argv, "--port", "8123", "--concurrency", "2", "--device", "cuda:1"], capsys)
+    assert status == 0, err
+    assert run_cli(["web"], capsys)[0] == 0
+    assert calls == [
+        {
+            "model": "demo-lite",
+            "sam_model": "sam",
+            "sam2_model": "sam2",
+            "host": "0.0.0.0",
+            "port": 8123,
+            "device": "cuda:1",
+            "concurrency": 2,
+        },
+        {
+            "model": cli.DEFAULT_MODEL,
+            "sam_model": None,
+            "sam2_model": None,
+            "host": "127.0.0.1",
+            "port": 7860,
+            "device": "cpu",
+            "concurrency": 1,
+        },
+    ]
+    # `python -m pixelrefer_hf.web_demo` is the same command.
+    assert web_demo.main(["--port", "8124"]) == 0 and calls[-1]["port"] == 8124
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--port", "70000"], "--port 70000: a TCP port is 0-65535"),
+        (["--concurrency", "0"], "--concurrency 0: at least one request"),
+    ],
+)
+def test_web_errors_exit_with_status_2(capsys, arguments, message):
+    status, _, err = run_cli(["web", *arguments], capsys)
+    assert status == 2 and f"pixelrefer web: error: {message}" in err
+
+
+def test_web_without_gradio_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    status, _, err = run_cli(["web"], capsys)
+    assert status == 2 and 'pip install "pixelrefer-hf[web]"' in err

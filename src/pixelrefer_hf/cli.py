@@ -6,6 +6,7 @@
     pixelrefer ask clip.mp4 --fps 2 --max-frames 16 --frame 0 --mask person.png "Where does <region> go?" --json
     pixelrefer ask clip.mp4 --box 10,40,50,80 --propagate --sam2-model facebook/sam2.1-hiera-tiny "Where is <region>?"
     pixelrefer info path/to/checkpoint
+    pixelrefer web --port 7860      # interactive page (needs the `web` extra); --sam-model / --sam2-model add clicks
     pixelrefer convert ...          # see `pixelrefer convert --help`
 
 Regions (`--box`, `--mask`, `--rle`, `--point`) may be repeated; they fill the question's `<region>` placeholders in
@@ -232,6 +233,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _web(args: argparse.Namespace) -> int:
+    from .web_demo import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a TCP port is 0-65535")
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency {args.concurrency}: at least one request must run at a time")
+    serve(
+        model=args.model,
+        sam_model=args.sam_model,
+        sam2_model=args.sam2_model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        concurrency=args.concurrency,
+    )
+    return 0
+
+
 def _convert(argv: list[str]) -> int:
     try:
         from . import convert
@@ -296,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     info.add_argument("--json", action="store_true", help="print a JSON object")
     info.set_defaults(handler=_info)
+
+    web = commands.add_parser("web", help="serve an interactive web page (Gradio; needs the `web` extra)")
+    web.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    web.add_argument("--sam-model", help="SAM checkpoint (folder or repo id): clicks and brushed strokes become masks")
+    web.add_argument("--sam2-model", help="SAM2 video checkpoint (folder or repo id): video regions reach every frame")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    web.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    web.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    web.add_argument("--concurrency", type=int, default=1, help="requests answered at the same time (default 1)")
+    web.set_defaults(handler=_web)
 
     # Listed for `pixelrefer --help` only: `main` hands everything after `convert` to `pixelrefer_hf.convert.main`.
     commands.add_parser("convert", help="convert released PixelRefer weights (see `pixelrefer convert --help`)")
