@@ -742,6 +742,17 @@ def _pipeline_errors(answers: Iterator[str]) -> Iterator[str]:
 
 
 # Status texts are Markdown, which would swallow `<region>` as an HTML tag: messages are escaped.
+def _reported(body, render):
+    """Run an event's `body`; a `DemoInputError` becomes its message in the page and anything unexpected one line
+    (the traceback goes to the server log), both shown through `render(status)`, so the app keeps serving."""
+    try:
+        return body()
+    except DemoInputError as error:
+        return render(_error(error))
+    except Exception as error:  # the server must keep serving
+        return render(_unexpected(error))
+
+
 def _ok(text: str) -> str:
     return html.escape(f"{text[:1].upper()}{text[1:]}.") if text else ""
 
@@ -837,19 +848,27 @@ def build_app(
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(_model_banner(models), elem_id="model-banner")
+
+        def clickable_picture(what: str, elem_id: str, **value) -> gr.Image:
+            """The picture a visitor clicks on to add regions (read-only: regions come from clicks and boxes)."""
+            sam_hint = ", or a SAM point" if models.sam_model else ""
+            return gr.Image(
+                label=f"{what} (click: box corners{sam_hint})",
+                interactive=False,
+                type="numpy",
+                height=448,
+                elem_id=elem_id,
+                buttons=["fullscreen"],
+                **value,
+            )
+
         with gr.Tab("Image", id="image-tab"):
             first = example_image()
             image_state = gr.State(ImageSession(image=first))
             with gr.Row():
                 with gr.Column(scale=3):
-                    image_display = gr.Image(
-                        value=image_view(ImageSession(image=first)),
-                        label="Regions (click: box corners" + (", or a SAM point" if models.sam_model else "") + ")",
-                        interactive=False,
-                        type="numpy",
-                        height=448,
-                        elem_id="image-view",
-                        buttons=["fullscreen"],
+                    image_display = clickable_picture(
+                        "Regions", "image-view", value=image_view(ImageSession(image=first))
                     )
                     with gr.Row():
                         image_upload = gr.UploadButton(
@@ -904,14 +923,7 @@ def build_app(
             video_state = gr.State(VideoSession())
             with gr.Row():
                 with gr.Column(scale=3):
-                    video_display = gr.Image(
-                        label="Frame (click: box corners" + (", or a SAM point" if models.sam_model else "") + ")",
-                        interactive=False,
-                        type="numpy",
-                        height=448,
-                        elem_id="video-view",
-                        buttons=["fullscreen"],
-                    )
+                    video_display = clickable_picture("Frame", "video-view")
                     frame_slider = gr.Slider(
                         0, 1, value=0, step=1, label="Frame", interactive=False, elem_id="frame-slider"
                     )
@@ -1079,37 +1091,33 @@ def build_app(
         )
 
         def on_video_box(session, frame, target, text):
-            try:
-                session = add_video_box(session, frame, target, text)
-                return video_outputs(session, frame, _ok(f"box added on frame {int(frame)}"))
-            except DemoInputError as error:
-                return video_outputs(session, frame, _error(error))
-            except Exception as error:
-                return video_outputs(session, frame, _unexpected(error))
+            def body():
+                updated = add_video_box(session, frame, target, text)
+                return video_outputs(updated, frame, _ok(f"box added on frame {int(frame)}"))
+
+            return _reported(body, lambda status: video_outputs(session, frame, status))
 
         video_add_box.click(
             on_video_box, [video_state, frame_slider, video_target, video_box_text], video_region_outputs
         )
 
         def on_video_click(session, frame, target, mode, evt: gr.SelectData):
-            try:
+            def body():
                 x, y = to_picture_pixel(session.frames[0].shape, *evt.index) if session.frames else (0, 0)
-                session, message = add_video_click(models, session, frame, target, mode, x, y)
-                return video_outputs(session, frame, _ok(message))
-            except DemoInputError as error:
-                return video_outputs(session, frame, _error(error))
-            except Exception as error:
-                return video_outputs(session, frame, _unexpected(error))
+                updated, message = add_video_click(models, session, frame, target, mode, x, y)
+                return video_outputs(updated, frame, _ok(message))
+
+            return _reported(body, lambda status: video_outputs(session, frame, status))
 
         video_display.select(
             on_video_click, [video_state, frame_slider, video_target, video_click_mode], video_region_outputs
         )
 
         def on_video_remove(session, frame, number):
-            try:
+            def body():
                 return video_outputs(remove_video_region(session, number), frame, _ok(f"region {number} removed"))
-            except DemoInputError as error:
-                return video_outputs(session, frame, _error(error))
+
+            return _reported(body, lambda status: video_outputs(session, frame, status))
 
         video_remove.click(on_video_remove, [video_state, frame_slider, video_remove_choice], video_region_outputs)
         video_clear.click(

@@ -119,6 +119,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+class JudgedBenchmark(Benchmark):
+    """A benchmark scored by an LLM judge, answered with the official generation settings."""
+
+    needs_judge = True
+    generation_kwargs = OFFICIAL_GENERATION
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DLC-Bench
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def _check_dlc_questions(questions: Any, file: Path, key: str) -> None:
             )
 
 
-class DLCBench(Benchmark):
+class DLCBench(JudgedBenchmark):
     """DLC-Bench (DAM): detailed region descriptions checked by a judge through per-object multiple-choice questions.
 
     `data` is the `DLC-bench` folder of `nvidia/DLC-Bench`: `annotations.json` (COCO format, one mask per object),
@@ -248,8 +255,6 @@ class DLCBench(Benchmark):
 
     name = "dlc-bench"
     description = "DLC-Bench detailed localized captioning, judged by an LLM (DAM's protocol); avg of pos and neg"
-    generation_kwargs = OFFICIAL_GENERATION
-    needs_judge = True
     # Paper Table 1 (percent); DAM-3B from the DAM paper as quoted there.
     paper_numbers = {
         "PixelRefer-7B": {"avg_pos": 49.6, "avg_neg": 87.0, "avg": 68.3},
@@ -437,7 +442,7 @@ def videorefer_d_parse(reply: str) -> dict[str, float]:
     return scores
 
 
-class VideoReferBenchD(Benchmark):
+class VideoReferBenchD(JudgedBenchmark):
     """VideoRefer-Bench-D: video object descriptions rated 0-5 on four dimensions by a judge against the reference.
 
     `data` is the folder with `VideoRefer-Bench-D.json` and `Panda-70M-part/` (the videos), from
@@ -450,9 +455,6 @@ class VideoReferBenchD(Benchmark):
     mode): only the annotated frames are decoded (`meta["source_frames"]`, sorted source frame numbers), and the
     region holds the object's mask on each of them, keyed by position in that list; empty masks are left out.
     """
-
-    needs_judge = True
-    generation_kwargs = OFFICIAL_GENERATION
 
     def __init__(self, lite: bool = False):
         self.lite = lite
@@ -670,7 +672,7 @@ def ferret_parse_scores(reply: str) -> tuple[float, float] | None:
     return scores if all(math.isfinite(s) for s in scores) else None
 
 
-class FerretBenchReasoning(Benchmark):
+class FerretBenchReasoning(JudgedBenchmark):
     """Ferret-Bench referring reasoning: a judge rates the model's answer against GPT-4's reference, LLaVA style.
 
     `data` is a folder with Osprey's `box_refer_reason.json` (questions with `<region>` and the COCO mask), ml-ferret's
@@ -678,9 +680,6 @@ class FerretBenchReasoning(Benchmark):
     folder or in its `refer_reason/`), and the COCO images in `train2017/` or `val2017/` (or `images/`).
     Score = mean model score / mean reference score x 100 over the reviews that could be read.
     """
-
-    needs_judge = True
-    generation_kwargs = OFFICIAL_GENERATION
 
     def __init__(self, lite: bool = False):
         self.lite = lite
@@ -851,7 +850,7 @@ def _ref_l4_references(caption: Any) -> list[str]:
     return [caption] if isinstance(caption, str) else [str(c) for c in caption]
 
 
-class RefL4Clair(Benchmark):
+class RefL4Clair(JudgedBenchmark):
     """Ref-L4 detailed captions scored by CLAIR: a judge rates 0-100 how likely the prediction and the reference
     caption describe the same thing; the mean, in percent.
 
@@ -863,8 +862,6 @@ class RefL4Clair(Benchmark):
 
     name = "ref-l4-clair"
     description = "Ref-L4 detailed region captions scored by CLAIR (an LLM judge, 0-100)"
-    generation_kwargs = OFFICIAL_GENERATION
-    needs_judge = True
     paper_numbers = {
         "PixelRefer-7B": {"clair": 60.8},
         "PixelRefer-2B": {"clair": 60.9},
