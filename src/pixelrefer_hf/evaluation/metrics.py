@@ -14,6 +14,7 @@ sentence-transformers and pycocoevalcap are imported only when their metric runs
 
 from __future__ import annotations
 
+import atexit
 import re
 import shutil
 from collections.abc import Sequence
@@ -171,11 +172,7 @@ def caption_scores(
     bleu, _ = Bleu(4).compute_score(gts, res)
     for n, value in enumerate(bleu, start=1):
         scores[f"bleu_{n}"] = 100 * value
-    meteor = Meteor()
-    try:
-        scores["meteor"] = 100 * meteor.compute_score(gts, res)[0]
-    finally:
-        _close_meteor(meteor)
+    scores["meteor"] = 100 * _meteor(Meteor).compute_score(gts, res)[0]
     scores["rouge_l"] = 100 * Rouge().compute_score(gts, res)[0]
     scores["cider"] = 100 * Cider().compute_score(gts, res)[0]
     if spice:
@@ -191,18 +188,24 @@ def caption_scores(
     return scores
 
 
+_METEOR = None
+
+
+def _meteor(meteor_class):
+    """One METEOR Java process per Python process: starting one loads its paraphrase tables, which takes 10-40 s."""
+    global _METEOR
+    if _METEOR is None:
+        _METEOR = meteor_class()
+        atexit.register(_close_meteor, _METEOR)
+    return _METEOR
+
+
 def _close_meteor(meteor) -> None:
-    """End the METEOR Java process now rather than at garbage collection (it would outlive a long run)."""
-    process = getattr(meteor, "meteor_p", None)
-    if process is None:
-        return
+    """End the METEOR Java process at exit (pycocoevalcap leaves it to garbage collection, which may never come)."""
+    process = meteor.meteor_p
     with meteor.lock:
-        for stream in (process.stdin, process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
         process.kill()
         process.wait()
-    meteor.meteor_p = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
