@@ -85,7 +85,7 @@ def field(entry: Any, key: str, path: Path, item: str, kind: type | tuple[type, 
 
 def media_path(root: Path, relative: str, subfolders: Iterable[str] = ()) -> str:
     """`root / relative`, or the first of `root / sub / relative` that exists (COCO's train2017 / val2017 split
-    folders); the plain join when none exists, so that the run reports the missing file for that item."""
+    folders). When none exists, the plain join: the run then reports that file missing for that item."""
     candidates = [root / relative, *(root / sub / relative for sub in subfolders)]
     return str(next((path for path in candidates if path.exists()), candidates[0]))
 
@@ -122,6 +122,8 @@ def counts(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 _SENTENCE_MODELS: dict[str, Any] = {}
+# Osprey's files name COCO images without their split folder.
+COCO_SPLITS = ("train2017", "val2017")
 
 
 def sentence_model(options: ScoreOptions):
@@ -153,7 +155,7 @@ class CategoryBenchmark(Benchmark):
                 raise EvalDataError(
                     f"{len(categories)} categories but {len(annotations)} annotations", file=data, item=where
                 )
-            image = media_path(root, file_name, ("train2017", "val2017"))
+            image = media_path(root, file_name, COCO_SPLITS)
             for region_index, (category, annotation) in enumerate(zip(categories, annotations)):
                 item_id = f"{index}-{region_index}"
                 if not isinstance(category, str):
@@ -166,7 +168,7 @@ class CategoryBenchmark(Benchmark):
                         regions=[segmentation_region(segmentation, data, item_id)],
                         image=image,
                         reference=category,
-                        meta={"file_name": file_name},
+                        meta={"file_name": file_name, "searched": [str(root / s) for s in COCO_SPLITS]},
                     )
                 )
         return items

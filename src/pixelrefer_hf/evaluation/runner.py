@@ -274,6 +274,10 @@ def _sample_video_file(path: str, keep: set[int], fps: float, max_frames: int):
 def pipeline_input(item: EvalItem, fps: float, max_frames: int) -> dict[str, Any]:
     """The region-qa pipeline item of an EvalItem (a video is sampled here; see `sample_video`)."""
     if item.image is not None:
+        if not os.path.exists(item.image):
+            searched = item.meta.get("searched")
+            also = f" (nor under {', '.join(searched)})" if searched else ""
+            raise ValueError(f"cannot read image {item.image!r}: no such file{also}")
         return {"image": item.image, "regions": item.regions, "question": item.question}
     keep = {int(key) for region in item.regions for key in region}
     frames, timestamps, positions = sample_video(item.video, keep, fps, max_frames)
