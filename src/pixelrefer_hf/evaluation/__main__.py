@@ -60,6 +60,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the benchmark's)")
     parser.add_argument("--device", help="torch device (default: accelerate's device of this process, else cpu)")
     parser.add_argument(
+        "--cpu", action="store_true", help="run on the CPU (under accelerate launch: gloo; also ACCELERATE_USE_CPU=1)"
+    )
+    parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
@@ -99,6 +102,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         spice=args.spice,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        cpu=args.cpu,
         dtype=args.dtype,
         fps=args.fps,
         max_frames=args.max_frames,
@@ -158,6 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError) as error:
         print(f"pixelrefer eval: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Leave the process group of `accelerate launch` before exiting, rather than in interpreter teardown."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class EvalOptions:
     spice: bool = False
     max_new_tokens: int | None = None
     device: str | None = None
+    cpu: bool = False
     dtype: str = "auto"
     fps: float | None = None
     max_frames: int | None = None
@@ -338,13 +339,20 @@ def answer_batch(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _process_state():
-    """accelerate's PartialState when accelerate is installed (rank, world size, device), else a single process."""
+def _process_state(cpu: bool = False):
+    """accelerate's PartialState when accelerate is installed (rank, world size, device), else a single process.
+
+    On the CPU (`--cpu`, ACCELERATE_USE_CPU=1, or no GPU) the processes of `accelerate launch` join a gloo group;
+    without `cpu=True` accelerate would treat each of them as a run of its own."""
     try:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
     except ImportError:
         return None
-    return PartialState()
+    import torch
+
+    use_cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=use_cpu)
 
 
 def _load_pipeline(options: EvalOptions, device):
@@ -354,7 +362,10 @@ def _load_pipeline(options: EvalOptions, device):
     from ..pipeline_region_qa import RegionQAPipeline
 
     model, processor = load_model_and_processor(options.model)
-    device = torch.device(options.device) if options.device else torch.device(device or "cpu")
+    if options.device:
+        device = torch.device(options.device)
+    else:
+        device = torch.device("cpu") if options.cpu else torch.device(device or "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(options.dtype)
     if dtype is None:  # auto: bf16 on accelerators, the checkpoint's float32 on the CPU
         dtype = torch.bfloat16 if device.type == "cuda" else model.dtype
@@ -362,7 +373,7 @@ def _load_pipeline(options: EvalOptions, device):
     return RegionQAPipeline(model=model, processor=processor, task="region-qa", device=device)
 
 
-def write_run_info(benchmark: Benchmark, options: EvalOptions) -> dict[str, Any]:
+def write_run_info(benchmark: Benchmark, options: EvalOptions, processes: int = 1) -> dict[str, Any]:
     """run.json, or the one already there when it describes the same benchmark and data (a resumed run)."""
     run_dir = Path(options.out)
     path = run_dir / RUN_INFO
@@ -373,6 +384,7 @@ def write_run_info(benchmark: Benchmark, options: EvalOptions) -> dict[str, Any]
         "options": asdict(options),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": sys.argv,
+        "processes": processes,
     }
     if path.exists():
         try:
@@ -416,13 +428,13 @@ def run_eval(
     if len({item.id for item in items}) != len(items):
         raise EvalDataError("item ids are not unique", file=options.data)
 
-    state = _process_state()
+    state = _process_state(options.cpu)
     rank, world_size = (state.process_index, state.num_processes) if state is not None else (0, 1)
     is_main = rank == 0
     run_dir = Path(options.out)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(benchmark, options)
+        write_run_info(benchmark, options, world_size)
     if state is not None:
         state.wait_for_everyone()
 
