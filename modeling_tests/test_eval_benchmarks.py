@@ -67,6 +67,9 @@ def test_video_benchmarks_read_frame_indices_and_compose_the_question(tmp_path):
     # Single-frame mode: only the mask on frame_idx ("3", a string in the file) is given.
     assert list(item.regions[0]) == [3] and item.reference == entry["Answer"]
     assert item.meta["type"] == "Sequential Questions" and item.meta["letters"] == "ABCD"
+    # PixelRefer-Lite's protocol: every annotated frame (the fixture annotates frames 0 and 3).
+    all_frames = get_benchmark("videorefer-q-allframe").load(q_path)[0]
+    assert list(all_frames.regions[0]) == [0, 3] and all_frames.question == item.question
 
 
 def test_bad_annotation_files_name_the_file_and_the_item(tmp_path):

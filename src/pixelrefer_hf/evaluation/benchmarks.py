@@ -390,6 +390,9 @@ class VideoReferQ(Benchmark):
     instruction = "Answer with the option's letter from the given choices directly."
     generation_kwargs = {"max_new_tokens": 16, "do_sample": False}
     headline_metric = "accuracy"
+    # PixelRefer is evaluated with each object's mask on `frame_idx` only; PixelRefer-Lite with every annotated frame
+    # (`VideoRefer-Bench-Q-allframe.json`, the `videorefer-q-allframe` benchmark).
+    all_frames = False
     _TYPES = ("basic_questions", "sequential_questions", "relationship_questions", "reasoning_questions")
     _TYPES += ("future_predictions",)
     paper_numbers = {
@@ -424,6 +427,16 @@ class VideoReferQ(Benchmark):
                 where = f"{item_id}, object {object_index}"
                 if not isinstance(annotation, dict):
                     raise EvalDataError("an annotation must be {frame: {segmentation}}", file=data, item=where)
+                if self.all_frames:
+                    region = {}
+                    for key, on_frame in annotation.items():
+                        segmentation = field(on_frame, "segmentation", data, f"{where}, frame {key}")
+                        if segmentation:  # frames where the object is absent have no mask
+                            region[frame_key(key, data, where)] = segmentation_region(segmentation, data, where)
+                    if not region:
+                        raise EvalDataError("the object has no mask on any frame", file=data, item=where)
+                    regions.append(dict(sorted(region.items())))
+                    continue
                 on_frame = annotation.get(str(frame), annotation.get(frame))
                 if on_frame is None:
                     raise EvalDataError(f"no mask on frame_idx {frame}", file=data, item=where)
@@ -470,6 +483,12 @@ class VideoReferQ(Benchmark):
         return {**metrics, **tally}
 
 
+class VideoReferQAllFrames(VideoReferQ):
+    name = "videorefer-q-allframe"
+    description = "VideoRefer-Bench-Q with every annotated frame's mask (PixelRefer-Lite's protocol, *-allframe.json)"
+    all_frames = True
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------------------------------
@@ -486,7 +505,7 @@ except ImportError as error:
 
 
 BUILTIN_BENCHMARKS: list[type[Benchmark]] = [LVISCategory, PACOCategory, VGCaptions, RefL4Brief, HCSTVGCaptions]
-BUILTIN_BENCHMARKS.append(VideoReferQ)
+BUILTIN_BENCHMARKS += [VideoReferQ, VideoReferQAllFrames]
 
 
 def benchmark_classes() -> dict[str, type[Benchmark]]:
