@@ -352,7 +352,8 @@ def _process_state(cpu: bool = False):
     import torch
 
     use_cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    return PartialState(cpu=use_cpu)
+    # Processes wait for the slowest at the end: far longer than the default collective timeout on a big benchmark.
+    return PartialState(cpu=use_cpu, timeout=datetime.timedelta(hours=24))
 
 
 def _load_pipeline(options: EvalOptions, device):
@@ -373,10 +374,31 @@ def _load_pipeline(options: EvalOptions, device):
     return RegionQAPipeline(model=model, processor=processor, task="region-qa", device=device)
 
 
-def write_run_info(benchmark: Benchmark, options: EvalOptions, processes: int = 1) -> dict[str, Any]:
-    """run.json, or the one already there when it describes the same benchmark and data (a resumed run)."""
-    run_dir = Path(options.out)
-    path = run_dir / RUN_INFO
+def previous_run_info(benchmark: Benchmark, options: EvalOptions) -> dict[str, Any] | None:
+    """The run.json already in the run folder (None if there is none); a ValueError when it belongs to a run of
+    another benchmark, model or data file. Every process checks it, so that none waits for a main process that
+    refused the folder."""
+    path = Path(options.out) / RUN_INFO
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON ({error.msg}); remove it or use another --out") from error
+    current = {"benchmark": benchmark.name, "model": options.model, "data": str(Path(options.data).resolve())}
+    for key, value in current.items():
+        if previous.get(key) != value:
+            raise ValueError(
+                f"{options.out} holds a run of {previous.get('benchmark')!r} with model {previous.get('model')!r} on "
+                f"{previous.get('data')!r}; its {key} differs from this one's ({value!r}): use another --out"
+            )
+    return previous
+
+
+def write_run_info(
+    benchmark: Benchmark, options: EvalOptions, previous: dict[str, Any] | None, processes: int = 1
+) -> dict[str, Any]:
+    """run.json: what runs, with which options, since when (a resumed run keeps its start and counts resumptions)."""
     info = {
         "benchmark": benchmark.name,
         "model": options.model,
@@ -386,20 +408,10 @@ def write_run_info(benchmark: Benchmark, options: EvalOptions, processes: int = 
         "command": sys.argv,
         "processes": processes,
     }
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: malformed JSON ({error.msg}); remove it or use another --out") from error
-        for key in ("benchmark", "model", "data"):
-            if previous.get(key) != info[key]:
-                raise ValueError(
-                    f"{run_dir} holds a run of {previous.get('benchmark')!r} with model {previous.get('model')!r} on "
-                    f"{previous.get('data')!r}; its {key} differs from this one's ({info[key]!r}): use another --out"
-                )
+    if previous is not None:
         info["started"] = previous.get("started", info["started"])
         info["resumed"] = previous.get("resumed", 0) + 1
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    (Path(options.out) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -432,18 +444,25 @@ def run_eval(
     rank, world_size = (state.process_index, state.num_processes) if state is not None else (0, 1)
     is_main = rank == 0
     run_dir = Path(options.out)
+    previous = previous_run_info(benchmark, options)
+    if state is not None:
+        state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(benchmark, options, world_size)
+        write_run_info(benchmark, options, previous, world_size)
     if state is not None:
         state.wait_for_everyone()
-
+    # What is left is shared out afresh, so that a resumed run keeps every process busy. Every process reads the
+    # same files before any of them writes again.
+    done = {record["id"] for record in all_records(run_dir)}
     error_file = run_dir / f"rank{rank}.error"
+    error_file.unlink(missing_ok=True)
+    if state is not None:
+        state.wait_for_everyone()
+    todo = shard([item for item in group_by_media(items) if item.id not in done], rank, world_size)
+
     failure: BaseException | None = None
     try:
-        error_file.unlink(missing_ok=True)
-        done = {record["id"] for record in all_records(run_dir)}
-        todo = [item for item in shard(group_by_media(items), rank, world_size) if item.id not in done]
         if todo:
             own_file = run_dir / (PREDICTIONS if world_size == 1 else f"predictions.rank{rank}.jsonl")
             _answer_items(benchmark, options, todo, own_file, state, is_main, on_batch, tqdm)
