@@ -139,10 +139,15 @@ def test_judged_benchmarks_are_picked_up_when_present_and_only_their_absence_is_
         description = "a judged benchmark"
         needs_judge = True
 
+    configured = FakeJudged()
+    configured.name = "fake-judged-lite"  # an instance registered under a name of its own
     fake = type(sys)("judged")
-    fake.JUDGED_BENCHMARKS = [FakeJudged]
+    fake.JUDGED_BENCHMARKS = [FakeJudged, configured]
     monkeypatch.setitem(sys.modules, JUDGED, fake)
-    assert "fake-judged" in load_benchmarks_copy().benchmark_classes()
+    probe = load_benchmarks_copy()
+    assert {"fake-judged", "fake-judged-lite", "lvis"} <= set(probe.benchmark_classes())
+    fresh = probe.get_benchmark("fake-judged-lite")
+    assert isinstance(fresh, FakeJudged) and fresh is not configured and fresh.name == "fake-judged-lite"
 
     monkeypatch.setitem(sys.modules, JUDGED, None)  # the module does not exist
     assert load_benchmarks_copy().JUDGED_BENCHMARKS == []

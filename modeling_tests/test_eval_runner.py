@@ -12,6 +12,7 @@ from pixelrefer_hf.evaluation.runner import (
     PREDICTIONS,
     EvalOptions,
     group_by_media,
+    pipeline_input,
     read_records,
     run_eval,
     sample_video,
@@ -201,6 +202,20 @@ def test_video_sampling_keeps_the_annotated_frame(tmp_path):
         sample_video(files, {25}, fps=1.0, max_frames=4)
 
 
+def test_video_items_may_ask_for_their_own_sampling_or_only_their_source_frames(tmp_path):
+    """The judged video benchmarks' conventions: `meta["fps"]` / `meta["max_frames"]`, or `meta["source_frames"]`
+    (only those frames are read; region keys are positions in that list)."""
+    files = [str(tmp_path / f"{t:03d}.png") for t in range(20)]
+    sampled = EvalItem(id="a", question="<region>?", regions=[{7: [0, 0, 2, 2]}], video=files, meta={"max_frames": 2})
+    inputs = pipeline_input(sampled, fps=1.0, max_frames=768)
+    assert inputs["video"] == [files[0], files[7], files[19]] and inputs["regions"] == [{1: [0, 0, 2, 2]}]
+    only = EvalItem(id="b", question="<region>?", regions=[{0: "m3", 2: "m9"}], video=files,
+                    meta={"source_frames": [3, 5, 9]})  # fmt: skip
+    inputs = pipeline_input(only, fps=1.0, max_frames=768)
+    assert inputs["video"] == [files[3], files[5], files[9]] and inputs["video_timestamps"] == [3.0, 5.0, 9.0]
+    assert inputs["regions"] == [{0: "m3", 2: "m9"}]
+
+
 def test_video_files_are_sampled_at_fps_with_the_annotated_frame(tmp_path):
     import av
     import numpy as np
@@ -218,6 +233,8 @@ def test_video_files_are_sampled_at_fps_with_the_annotated_frame(tmp_path):
     assert sorted(positions) == [0, 4, 5, 8]  # the 1 fps grid (0, 1, 2 s) and source frame 5
     assert timestamps == pytest.approx([0.0, 1.0, 1.25, 2.0])
     assert abs(int(frames[positions[5]].mean()) - 100) < 8
+    frames, timestamps, positions = sample_video(str(path), {2, 9}, fps=1.0, max_frames=768, grid=False)
+    assert sorted(positions) == [2, 9] and timestamps == pytest.approx([0.5, 2.25])
 
 
 def test_eval_compare_prints_runs_beside_the_paper_and_draws_a_chart(full_run, tmp_path, capsys, monkeypatch):

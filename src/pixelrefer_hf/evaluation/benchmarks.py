@@ -15,6 +15,7 @@ The LLM-judge benchmarks come from `judged.py` when it is present (`JUDGED_BENCH
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable
@@ -225,20 +226,24 @@ class CaptionBenchmark(Benchmark):
     generation_kwargs = {"max_new_tokens": 64, "do_sample": False}
     headline_metric = "cider"
 
-    def prepare_predictions(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, str]:
-        """The caption scored for each record (id -> text). A hook: Ref-L4's judge variant shortens them here."""
-        return {record["id"]: record["prediction"] or "" for record in records}
+    def prepare_predictions(
+        self, records: list[dict[str, Any]], options: ScoreOptions
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The records as scored, and anything to report beside the metrics. A hook: a judge variant of Ref-L4
+        shortens long predictions here (`judged.shorten_ref_l4_predictions` has this signature)."""
+        return records, {}
 
     def score(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, Any]:
         good, tally = counts(records)
         if not good:
             return tally
-        predictions = self.prepare_predictions(good, options)
+        good, extra = self.prepare_predictions(good, options)
+        predictions = {record["id"]: record["prediction"] or "" for record in good}
         references = {
             record["id"]: record["reference"] if isinstance(record["reference"], list) else [record["reference"]]
             for record in good
         }
-        return {**caption_scores(predictions, references, spice=options.spice), **tally}
+        return {**caption_scores(predictions, references, spice=options.spice), **extra, **tally}
 
 
 class VGCaptions(CaptionBenchmark):
@@ -501,26 +506,29 @@ try:
 except ImportError as error:
     if error.name != f"{__package__}.judged":
         raise
-    JUDGED_BENCHMARKS: list[type[Benchmark]] = []
+    JUDGED_BENCHMARKS: list[Benchmark | type[Benchmark]] = []
 
 
 BUILTIN_BENCHMARKS: list[type[Benchmark]] = [LVISCategory, PACOCategory, VGCaptions, RefL4Brief, HCSTVGCaptions]
 BUILTIN_BENCHMARKS += [VideoReferQ, VideoReferQAllFrames]
 
 
-def benchmark_classes() -> dict[str, type[Benchmark]]:
-    """Every benchmark by its command-line name."""
-    classes = {}
-    for cls in [*BUILTIN_BENCHMARKS, *JUDGED_BENCHMARKS]:
-        if cls.name in classes:
-            raise ValueError(f"two benchmarks are named {cls.name!r}")
-        classes[cls.name] = cls
+def benchmark_classes() -> dict[str, Benchmark | type[Benchmark]]:
+    """Every benchmark by its command-line name: a class, or an instance (the judged module registers configured
+    instances, e.g. one benchmark class under two names)."""
+    classes: dict[str, Benchmark | type[Benchmark]] = {}
+    for entry in [*BUILTIN_BENCHMARKS, *JUDGED_BENCHMARKS]:
+        if entry.name in classes:
+            raise ValueError(f"two benchmarks are named {entry.name!r}")
+        classes[entry.name] = entry
     return classes
 
 
 def get_benchmark(name: str) -> Benchmark:
-    """A fresh instance of the benchmark called `name`; a ValueError listing the names for an unknown one."""
+    """A fresh benchmark object for `name` (the runner sets options such as `image_root` on it); a ValueError
+    listing the names for an unknown one."""
     classes = benchmark_classes()
     if name not in classes:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(classes)}")
-    return classes[name]()
+    entry = classes[name]
+    return entry() if isinstance(entry, type) else copy.copy(entry)

@@ -209,12 +209,13 @@ def _evenly_spaced(count: int, limit: int) -> list[int]:
     return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)}) if limit > 1 else [0]
 
 
-def sample_video(source: str | list[str], keep: set[int], fps: float, max_frames: int):
+def sample_video(source: str | list[str], keep: set[int], fps: float, max_frames: int, grid: bool = True):
     """The frames the model sees of a video, always including the source frames `keep` (the annotated ones).
 
     A video file is sampled on the grid `0, 1/fps, ...` (spread over the whole video when that gives more than
     `max_frames`), as `read_video` does. A frame folder (or a list of frame files) counts as one frame per second:
-    every frame, or `max_frames` evenly spaced ones. Returns `(frames, timestamps, position of each source frame)`."""
+    every frame, or `max_frames` evenly spaced ones. With `grid=False` only the frames `keep` are read.
+    Returns `(frames, timestamps, position of each source frame)`."""
     if isinstance(source, list) or os.path.isdir(source):
         if isinstance(source, list):
             files = list(source)
@@ -227,11 +228,11 @@ def sample_video(source: str | list[str], keep: set[int], fps: float, max_frames
         beyond = [index for index in keep if index >= len(files)]
         if beyond:
             raise ValueError(f"video {source!r}: frame {beyond[0]} is annotated but the video has {len(files)} frames")
-        chosen = sorted(set(_evenly_spaced(len(files), max_frames)) | keep)
+        chosen = sorted((set(_evenly_spaced(len(files), max_frames)) if grid else set()) | keep)
         return [files[i] for i in chosen], [float(i) for i in chosen], {i: p for p, i in enumerate(chosen)}
     if not os.path.isfile(source):
         raise ValueError(f"cannot read video {source!r}: no such file or frame folder")
-    return _sample_video_file(source, keep, fps, max_frames)
+    return _sample_video_file(source, keep, fps, max_frames if grid else 0)
 
 
 def _sample_video_file(path: str, keep: set[int], fps: float, max_frames: int):
@@ -246,7 +247,7 @@ def _sample_video_file(path: str, keep: set[int], fps: float, max_frames: int):
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
             step = 1.0 / fps
-            if duration is not None and duration * fps > max_frames:
+            if duration is not None and max_frames and duration * fps > max_frames:
                 step = duration / max_frames
             source_fps = float(stream.average_rate) if stream.average_rate else None
             tolerance = 0.5 / source_fps if source_fps else 1e-6
@@ -273,13 +274,22 @@ def _sample_video_file(path: str, keep: set[int], fps: float, max_frames: int):
 
 
 def pipeline_input(item: EvalItem, fps: float, max_frames: int) -> dict[str, Any]:
-    """The region-qa pipeline item of an EvalItem (a video is sampled here; see `sample_video`)."""
+    """The region-qa pipeline item of an EvalItem. A video is read here (see `sample_video`): sampled at `fps` (or
+    the item's `meta["fps"]`, `meta["max_frames"]`) with the annotated source frames kept, or, when the item lists
+    `meta["source_frames"]`, only those source frames, its regions then keyed by position in that list."""
     if item.image is not None:
         if not os.path.exists(item.image):
             searched = item.meta.get("searched")
             also = f" (nor under {', '.join(searched)})" if searched else ""
             raise ValueError(f"cannot read image {item.image!r}: no such file{also}")
         return {"image": item.image, "regions": item.regions, "question": item.question}
+    source_frames = item.meta.get("source_frames")
+    if source_frames is not None:
+        frames, timestamps, positions = sample_video(item.video, set(source_frames), fps, max_frames, grid=False)
+        frames = [frames[positions[frame]] for frame in source_frames]
+        timestamps = [timestamps[positions[frame]] for frame in source_frames]
+        return {"video": frames, "video_timestamps": timestamps, "regions": item.regions, "question": item.question}
+    fps, max_frames = item.meta.get("fps", fps), item.meta.get("max_frames", max_frames)
     keep = {int(key) for region in item.regions for key in region}
     frames, timestamps, positions = sample_video(item.video, keep, fps, max_frames)
     regions = [{positions[int(key)]: value for key, value in region.items()} for region in item.regions]
