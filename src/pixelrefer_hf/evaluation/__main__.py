@@ -37,8 +37,19 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     _add_judge_arguments(parser)
 
 
+def benchmark_list() -> str:
+    """One line per registered benchmark (the judged ones included where installed), for `--help`."""
+    from .benchmarks import benchmark_classes
+
+    return "benchmarks:\n" + "\n".join(
+        f"  {name:24} {entry.description}" for name, entry in benchmark_classes().items()
+    )
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `pixelrefer eval`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = benchmark_list()
     parser.add_argument("benchmark", help=BENCHMARK_HELP)
     parser.add_argument(
         "--model", required=True, help="checkpoint folder or repo id, or demo, demo-lite, tiny-random[-lite]"
