@@ -62,7 +62,8 @@ def main() -> None:
         for benchmark, path in data.items():
             run_dir = out / "runs" / f"{model}-{benchmark}"
             command = ["eval", benchmark, "--model", model, "--data", str(path), "--out", str(run_dir)]
-            command += ["--batch-size", str(args.batch_size)]
+            # The toys answer in a few tokens; 16 only bounds a batch in which one of them would not stop.
+            command += ["--batch-size", str(args.batch_size), "--max-new-tokens", "16"]
             print("pixelrefer " + shlex.join(command), flush=True)
             started = time.perf_counter()
             if pixelrefer(command) != 0:

@@ -25,6 +25,10 @@ from typing import Any
 from .base import Benchmark, EvalDataError, EvalItem, ScoreOptions
 from .metrics import caption_scores, category_scores, extract_option_letter, load_sentence_model, option_letters
 
+# The official inference (`mm_infer`) decodes greedily with up to 2048 new tokens, whatever the benchmark; a model
+# that stops early costs nothing more. `--max-new-tokens` lowers it.
+OFFICIAL_GENERATION = {"max_new_tokens": 2048, "do_sample": False}
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading annotation files
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,7 +144,7 @@ class CategoryBenchmark(Benchmark):
     `annotations[i]["segmentation"]`; one question per region."""
 
     question = "What is the category of <region>? Using only one word or phrase."
-    generation_kwargs = {"max_new_tokens": 32, "do_sample": False}
+    generation_kwargs = OFFICIAL_GENERATION
     headline_metric = "avg"
 
     def load(self, data: Path) -> list[EvalItem]:
@@ -223,7 +227,7 @@ class PACOCategory(CategoryBenchmark):
 class CaptionBenchmark(Benchmark):
     """A brief caption per region, scored with the COCO caption metrics against the item's reference caption(s)."""
 
-    generation_kwargs = {"max_new_tokens": 64, "do_sample": False}
+    generation_kwargs = OFFICIAL_GENERATION
     headline_metric = "cider"
 
     def prepare_predictions(
@@ -393,7 +397,7 @@ class VideoReferQ(Benchmark):
     name = "videorefer-q"
     description = "VideoRefer-Bench-Q multiple choice on videos (VideoRefer-Bench-Q.json): accuracy per type"
     instruction = "Answer with the option's letter from the given choices directly."
-    generation_kwargs = {"max_new_tokens": 16, "do_sample": False}
+    generation_kwargs = OFFICIAL_GENERATION
     headline_metric = "accuracy"
     # PixelRefer is evaluated with each object's mask on `frame_idx` only; PixelRefer-Lite with every annotated frame
     # (`VideoRefer-Bench-Q-allframe.json`, the `videorefer-q-allframe` benchmark).

@@ -172,7 +172,8 @@ def compare_chart(runs: list[dict[str, Any]], path: str | Path) -> None:
         width = 0.8 / len(bars)
         for offset, (label, values) in enumerate(bars.items()):
             positions = [i + offset * width for i in range(len(metrics))]
-            axis.bar(positions, [values.get(m, 0.0) for m in metrics], width=width, label=label)
+            # A metric a row does not report is left blank (NaN draws no bar), not drawn as 0.
+            axis.bar(positions, [values.get(m, math.nan) for m in metrics], width=width, label=label)
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics, rotation=45, ha="right")
         axis.set_title(name)
         axis.legend(fontsize="small")
