@@ -8,6 +8,9 @@
     pixelrefer info path/to/checkpoint
     pixelrefer web --port 7860      # interactive page (needs the `web` extra); --sam-model / --sam2-model add clicks
     pixelrefer convert ...          # see `pixelrefer convert --help`
+    pixelrefer eval lvis --model path/to/PixelRefer-7B --data lvis_val_1k_category.json --image-root coco --out runs/lvis
+    pixelrefer eval-score runs/lvis     # metrics again from the run's predictions, without the model
+    pixelrefer eval-compare runs/lvis runs/lvis-lite --chart compare.png
 
 Regions (`--box`, `--mask`, `--rle`, `--point`) may be repeated; they fill the question's `<region>` placeholders in
 the order they are given. On a video every region is drawn on frame `--frame` of the decoded frames; `--propagate`
@@ -326,6 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     web.add_argument("--concurrency", type=int, default=1, help="requests answered at the same time (default 1)")
     web.set_defaults(handler=_web)
+    # The evaluation harness (`pixelrefer_hf.evaluation`); its parsers are shared with `python -m
+    # pixelrefer_hf.evaluation`, imported here because they are light (the runner loads on use).
+    from .evaluation import __main__ as evaluation
+
+    evaluate = commands.add_parser("eval", help="run a benchmark (LVIS, PACO, VG, Ref-L4, HC-STVG, VideoRefer-Q, ...)")
+    evaluation.add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=evaluation.run_eval_command)
+    score = commands.add_parser("eval-score", help="recompute a run's metrics from its predictions.jsonl")
+    evaluation.add_score_arguments(score)
+    score.set_defaults(handler=evaluation.run_score_command)
+    compare = commands.add_parser("eval-compare", help="runs side by side with the paper's numbers")
+    evaluation.add_compare_arguments(compare)
+    compare.set_defaults(handler=evaluation.run_compare_command)
 
     # Listed for `pixelrefer --help` only: `main` hands everything after `convert` to `pixelrefer_hf.convert.main`.
     commands.add_parser("convert", help="convert released PixelRefer weights (see `pixelrefer convert --help`)")

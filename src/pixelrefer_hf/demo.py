@@ -104,6 +104,9 @@ def demo_checkpoint(variant: str = "pixelrefer") -> str:
 # The evaluation table of a demo card sits between these markers; `examples/evaluate_shapes.py --update-cards` fills it.
 CARD_RESULTS_BEGIN = "<!-- evaluate_shapes:begin -->"
 CARD_RESULTS_END = "<!-- evaluate_shapes:end -->"
+# The `pixelrefer eval` table (official benchmark formats); `examples/eval_demo_shapes.py --update-cards` fills it.
+CARD_EVAL_BEGIN = "<!-- pixelrefer_eval:begin -->"
+CARD_EVAL_END = "<!-- pixelrefer_eval:end -->"
 
 _CARD_TEMPLATE = """---
 license: apache-2.0
@@ -175,6 +178,14 @@ what / color / shape questions by the size of the object asked about):
 (not evaluated yet)
 {results_end}
 
+The same held-out scenes written in the official benchmark formats and scored by `pixelrefer eval` with the official
+prompts and metrics (`python examples/eval_demo_shapes.py`): the toy knows only its five questions, so these numbers
+show the harness at work, not a skill.
+
+{eval_begin}
+(not evaluated yet)
+{eval_end}
+
 ## Limits
 
 It answers the pair (`larger`) and video (`direction`) questions close to chance: the tokens carry size and place, but
@@ -209,15 +220,20 @@ def demo_model_card(summary: dict) -> str:
         last_loss=summary["last_logged_loss"],
         results_begin=CARD_RESULTS_BEGIN,
         results_end=CARD_RESULTS_END,
+        eval_begin=CARD_EVAL_BEGIN,
+        eval_end=CARD_EVAL_END,
     )
 
 
-def replace_card_results(card: str, results_markdown: str) -> str:
-    """`card` with the text between the evaluation markers replaced by `results_markdown`."""
-    begin, end = card.find(CARD_RESULTS_BEGIN), card.find(CARD_RESULTS_END)
+def replace_card_results(
+    card: str, results_markdown: str, begin_marker: str = CARD_RESULTS_BEGIN, end_marker: str = CARD_RESULTS_END
+) -> str:
+    """`card` with the text between the evaluation markers (by default those of `evaluate_shapes.py`; pass
+    `CARD_EVAL_BEGIN` / `CARD_EVAL_END` for the `pixelrefer eval` table) replaced by `results_markdown`."""
+    begin, end = card.find(begin_marker), card.find(end_marker)
     if begin < 0 or end < begin:
         raise ValueError("the model card has no evaluation markers to replace")
-    return card[: begin + len(CARD_RESULTS_BEGIN)] + "\n" + results_markdown.strip() + "\n" + card[end:]
+    return card[: begin + len(begin_marker)] + "\n" + results_markdown.strip() + "\n" + card[end:]
 
 
 def bundle_checkpoint(folder: str | Path) -> None:

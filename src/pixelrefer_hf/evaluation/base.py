@@ -35,7 +35,9 @@ class EvalItem:
     # The prompt, with one `<region>` placeholder per entry of `regions`, in order.
     question: str
     # Pipeline region values: boxes [x0, y0, x1, y1], COCO RLE dicts, {"polygons": ...}, or {frame_index: region}
-    # for videos. Kept as loaded (JSON-like), decoded by the pipeline.
+    # for videos. Kept as loaded (JSON-like), decoded by the pipeline. A video region's frame index counts the frames of
+    # the source (of the file, or of the sorted frame list): the runner samples the video and always keeps those
+    # frames, as the official scripts' `frame_ids` do.
     regions: list[Any]
     # Local path of the image, or None for a video item.
     image: str | None = None
@@ -62,6 +64,8 @@ class ScoreOptions:
     # Seconds per judge request, and how many attempts before a request counts as failed.
     judge_timeout: float = 60.0
     judge_max_attempts: int = 3
+    # Caption benchmarks: also compute SPICE (only where its Stanford CoreNLP jars are already installed).
+    spice: bool = False
 
 
 class Benchmark:
@@ -82,6 +86,14 @@ class Benchmark:
     needs_judge: bool = False
     # Published numbers to print beside a run: {model name: {metric name: value}}.
     paper_numbers: dict[str, dict[str, float]] = {}
+    # The metric `pixelrefer eval-compare` puts first and charts (None: the first metric of a run).
+    headline_metric: str | None = None
+    # Folder the annotation file's relative image / video paths start from; set by the runner before `load`
+    # (`--image-root`; None: the annotation file's folder).
+    image_root: Path | None = None
+    # Video items: frames sampled per second of the source and at most this many (the official fps=1, 768).
+    video_fps: float = 1.0
+    max_frames: int = 768
 
     def load(self, data: Path) -> list[EvalItem]:
         """Read the benchmark's annotation file (or folder) into items; raise EvalDataError naming file and item."""
