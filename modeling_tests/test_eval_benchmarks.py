@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pixelrefer_hf.evaluation import EvalDataError
-from pixelrefer_hf.evaluation.base import Benchmark
+from pixelrefer_hf.evaluation.base import Benchmark, published_numbers
 from pixelrefer_hf.evaluation.benchmarks import benchmark_classes, get_benchmark
 from pixelrefer_hf.evaluation.shapes import (
     write_category_set,
@@ -94,7 +94,7 @@ def test_bad_annotation_files_name_the_file_and_the_item(tmp_path):
     q_entries = json.loads(q_path.read_text())
     q_entries[0]["Question"] = "Which way does <region> move, and <region>?"
     q_path.write_text(json.dumps(q_entries))
-    with pytest.raises(EvalDataError, match=r"item 0: the question has 2 <region> but 1 annotated objects"):
+    with pytest.raises(EvalDataError, match=r"item 0: the text has 2 <region> placeholder\(s\) but 1 region\(s\)"):
         get_benchmark("videorefer-q").load(q_path)
     refl4 = tmp_path / "r.json"
     refl4.write_text('{"file_name": "objects365/a.png", "caption": "x", "bbox": [0, 0, 4, 4]}\n{"file_name"\n')
@@ -108,7 +108,7 @@ def test_registry_lists_the_benchmarks_and_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown benchmark 'lvs'; choose one of lvis, paco"):
         get_benchmark("lvs")
     for cls in benchmark_classes().values():
-        assert cls.name and cls.description and isinstance(cls.paper_numbers, dict)
+        assert cls.name and cls.description and isinstance(published_numbers(cls.name), dict)
 
 
 JUDGED = "pixelrefer_hf.evaluation.judged"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelrefer_hf.evaluation.base import EvalDataError, ScoreOptions
+from pixelrefer_hf.evaluation.base import EvalDataError, ScoreOptions, published_numbers
 from pixelrefer_hf.evaluation.judge import Judge, JudgeError, JudgeRequest, user_message
 from pixelrefer_hf.evaluation.judged import (
     CLAIR_PROMPT,
@@ -611,10 +611,8 @@ def test_registry_lists_each_judged_benchmark_once():
     names = [benchmark.name for benchmark in JUDGED_BENCHMARKS]
     assert len(set(names)) == len(names) == 6
     assert all(benchmark.needs_judge and benchmark.description for benchmark in JUDGED_BENCHMARKS)
-    assert next(b for b in JUDGED_BENCHMARKS if b.name == "dlc-bench").paper_numbers["PixelRefer-7B"]["avg"] == 68.3
-    assert (
-        next(b for b in JUDGED_BENCHMARKS if b.name == "videorefer-d").paper_numbers["PixelRefer-7B"]["average"] == 3.70
-    )
+    assert published_numbers("dlc-bench")["PixelRefer-7B"]["avg"] == 68.3
+    assert published_numbers("videorefer-d")["PixelRefer-7B"]["average"] == 3.70
 
 
 @pytest.mark.parametrize(

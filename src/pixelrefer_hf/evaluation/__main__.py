@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 BENCHMARK_HELP = (
     "lvis, paco (category recognition), vg, refl4, hc-stvg (brief captions), videorefer-q (multiple choice), and the "
@@ -101,27 +102,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from .results import results_markdown
     from .runner import EvalOptions, EvalRunError, run_eval
 
-    options = EvalOptions(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        skip_bad_items=args.skip_bad_items,
-        image_root=args.image_root,
-        ssim_model=args.ssim_model,
-        spice=args.spice,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        cpu=args.cpu,
-        dtype=args.dtype,
-        fps=args.fps,
-        max_frames=args.max_frames,
-        judge_base_url=args.judge_base_url,
-        judge_model=args.judge_model,
-        judge_api_key_env=args.judge_api_key_env,
-        judge_timeout=args.judge_timeout,
-    )
+    # Every option of `pixelrefer eval` is a field of EvalOptions under the same name.
+    names = {option.name for option in fields(EvalOptions)}
+    options = EvalOptions(**{name: value for name, value in vars(args).items() if name in names})
     try:
         results = run_eval(args.benchmark, options)
     except KeyboardInterrupt:

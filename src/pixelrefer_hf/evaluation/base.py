@@ -7,6 +7,7 @@ region-qa pipeline, resuming, sharding over processes, and writing results.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,16 @@ class EvalDataError(ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.file = None if file is None else str(file)
         self.item = item
+
+
+# The published numbers of every benchmark, with their sources: data, not code (`published_numbers`).
+PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.json")
+
+
+def published_numbers(benchmark: str) -> dict[str, dict[str, float]]:
+    """The numbers published for `benchmark` (a `pixelrefer eval` name): {model: {metric: value}}, empty if none."""
+    entries = json.loads(PAPER_NUMBERS_FILE.read_text())["benchmarks"]
+    return entries.get(benchmark, {}).get("numbers", {})
 
 
 @dataclass
@@ -84,8 +95,6 @@ class Benchmark:
     generation_kwargs: dict[str, Any] = {}
     # Whether scoring needs an LLM judge (then ScoreOptions.judge_base_url and judge_model are required).
     needs_judge: bool = False
-    # Published numbers to print beside a run: {model name: {metric name: value}}.
-    paper_numbers: dict[str, dict[str, float]] = {}
     # The metric `pixelrefer eval-compare` puts first and charts (None: the first metric of a run).
     headline_metric: str | None = None
     # Folder the annotation file's relative image / video paths start from; set by the runner before `load`

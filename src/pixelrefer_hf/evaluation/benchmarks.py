@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..processing_pixelrefer import check_region_placeholders
 from .base import Benchmark, EvalDataError, EvalItem, ScoreOptions
 from .metrics import caption_scores, category_scores, extract_option_letter, load_sentence_model, option_letters
 
@@ -139,7 +140,30 @@ def sentence_model(options: ScoreOptions):
     return _SENTENCE_MODELS[key]
 
 
-class CategoryBenchmark(Benchmark):
+class AnnotationFileBenchmark(Benchmark):
+    """A benchmark read from one annotation file, entry by entry: `entries` lists `(index, entry)`, `entry_items`
+    turns one entry into its items. Media paths are relative to `image_root` (default: the file's folder); item ids
+    must be unique, since they key predictions.jsonl."""
+
+    def load(self, data: Path) -> list[EvalItem]:
+        data = Path(data)
+        root = Path(self.image_root) if self.image_root is not None else data.parent
+        items = [item for index, entry in self.entries(data) for item in self.entry_items(entry, index, data, root)]
+        seen = set()
+        for item in items:
+            if item.id in seen:
+                raise EvalDataError("duplicate id", file=data, item=item.id)
+            seen.add(item.id)
+        return items
+
+    def entries(self, data: Path) -> Iterable[tuple[int, Any]]:
+        return enumerate(read_list(data))
+
+    def entry_items(self, entry: Any, index: int, data: Path, root: Path) -> list[EvalItem]:
+        raise NotImplementedError
+
+
+class CategoryBenchmark(AnnotationFileBenchmark):
     """Osprey's category files: one entry per COCO image, its regions' `categories[i]` and
     `annotations[i]["segmentation"]`; one question per region."""
 
@@ -147,35 +171,32 @@ class CategoryBenchmark(Benchmark):
     generation_kwargs = OFFICIAL_GENERATION
     headline_metric = "avg"
 
-    def load(self, data: Path) -> list[EvalItem]:
-        data = Path(data)
-        root = Path(self.image_root) if self.image_root is not None else data.parent
+    def entry_items(self, entry: Any, index: int, data: Path, root: Path) -> list[EvalItem]:
         items = []
-        for index, entry in enumerate(read_list(data)):
-            where = f"entry {index}"
-            file_name = field(entry, "file_name", data, where, str)
-            categories = field(entry, "categories", data, where, list)
-            annotations = field(entry, "annotations", data, where, list)
-            if len(categories) != len(annotations):
-                raise EvalDataError(
-                    f"{len(categories)} categories but {len(annotations)} annotations", file=data, item=where
+        where = f"entry {index}"
+        file_name = field(entry, "file_name", data, where, str)
+        categories = field(entry, "categories", data, where, list)
+        annotations = field(entry, "annotations", data, where, list)
+        if len(categories) != len(annotations):
+            raise EvalDataError(
+                f"{len(categories)} categories but {len(annotations)} annotations", file=data, item=where
+            )
+        image = media_path(root, file_name, COCO_SPLITS)
+        for region_index, (category, annotation) in enumerate(zip(categories, annotations)):
+            item_id = f"{index}-{region_index}"
+            if not isinstance(category, str):
+                raise EvalDataError("the category must be a string", file=data, item=item_id)
+            segmentation = field(annotation, "segmentation", data, item_id)
+            items.append(
+                EvalItem(
+                    id=item_id,
+                    question=self.question,
+                    regions=[segmentation_region(segmentation, data, item_id)],
+                    image=image,
+                    reference=category,
+                    meta={"file_name": file_name, "searched": [str(root / s) for s in COCO_SPLITS]},
                 )
-            image = media_path(root, file_name, COCO_SPLITS)
-            for region_index, (category, annotation) in enumerate(zip(categories, annotations)):
-                item_id = f"{index}-{region_index}"
-                if not isinstance(category, str):
-                    raise EvalDataError("the category must be a string", file=data, item=item_id)
-                segmentation = field(annotation, "segmentation", data, item_id)
-                items.append(
-                    EvalItem(
-                        id=item_id,
-                        question=self.question,
-                        regions=[segmentation_region(segmentation, data, item_id)],
-                        image=image,
-                        reference=category,
-                        meta={"file_name": file_name, "searched": [str(root / s) for s in COCO_SPLITS]},
-                    )
-                )
+            )
         return items
 
     def score(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, Any]:
@@ -190,15 +211,6 @@ class CategoryBenchmark(Benchmark):
 class LVISCategory(CategoryBenchmark):
     name = "lvis"
     description = "LVIS category recognition (Osprey's lvis_val_1k_category.json, COCO images): SSim / SIoU"
-    paper_numbers = {
-        "PixelRefer-7B": {"ssim": 90.5, "siou": 82.7, "avg": 86.6},
-        "PixelRefer-2B": {"ssim": 89.8, "siou": 82.5, "avg": 86.2},
-        "PixelRefer-Lite-7B": {"ssim": 89.6, "siou": 82.5, "avg": 86.1},
-        "PixelRefer-Lite-2B": {"ssim": 89.4, "siou": 82.0, "avg": 85.7},
-        "DAM-8B": {"avg": 83.4},
-        "PAM-3B": {"avg": 83.5},
-        "SPHINX-V-13B": {"avg": 75.0},
-    }
 
 
 class PACOCategory(CategoryBenchmark):
@@ -208,15 +220,6 @@ class PACOCategory(CategoryBenchmark):
         "What is the category of <region>? It maybe a subpart of an object. If it is a subpart, output in the format "
         "of 'category:subcategory', else just output the category."
     )
-    paper_numbers = {
-        "PixelRefer-7B": {"ssim": 91.7, "siou": 85.3, "avg": 88.5},
-        "PixelRefer-2B": {"ssim": 90.1, "siou": 82.7, "avg": 86.4},
-        "PixelRefer-Lite-7B": {"ssim": 90.3, "siou": 83.1, "avg": 86.7},
-        "PixelRefer-Lite-2B": {"ssim": 89.3, "siou": 81.9, "avg": 85.6},
-        "DAM-8B": {"avg": 78.7},
-        "PAM-3B": {"avg": 81.2},
-        "SPHINX-V-13B": {"avg": 67.5},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,11 +227,16 @@ class PACOCategory(CategoryBenchmark):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class CaptionBenchmark(Benchmark):
+class CaptionBenchmark(AnnotationFileBenchmark):
     """A brief caption per region, scored with the COCO caption metrics against the item's reference caption(s)."""
 
     generation_kwargs = OFFICIAL_GENERATION
     headline_metric = "cider"
+
+    def caption_item(self, item_id: str, region: Any, caption: str, meta: dict, **media: str) -> EvalItem:
+        """The one question of an entry: its region, described against its reference caption (`image=` or
+        `video=` the media path)."""
+        return EvalItem(id=item_id, question=self.question, regions=[region], reference=[caption], meta=meta, **media)
 
     def prepare_predictions(
         self, records: list[dict[str, Any]], options: ScoreOptions
@@ -254,39 +262,27 @@ class VGCaptions(CaptionBenchmark):
     name = "vg"
     description = "Visual Genome brief region captions (vg_val_5000.json): BLEU-4, METEOR, ROUGE-L, CIDEr"
     question = "Please describe <region> briefly."
-    paper_numbers = {
-        "PixelRefer-7B": {"meteor": 19.7, "cider": 168.2},
-        "PixelRefer-2B": {"meteor": 19.7, "cider": 161.2},
-        "PixelRefer-Lite-7B": {"meteor": 19.0, "cider": 161.4},
-        "PixelRefer-Lite-2B": {"meteor": 18.6, "cider": 155.0},
-    }
 
-    def load(self, data: Path) -> list[EvalItem]:
-        data = Path(data)
-        root = Path(self.image_root) if self.image_root is not None else data.parent
-        items = []
-        for index, entry in enumerate(read_list(data)):
-            item_id = str(index)
-            images = field(entry, "image", data, item_id, (list, str))
-            image = images[0] if isinstance(images, list) and images else images
-            if not isinstance(image, str):
-                raise EvalDataError("field 'image' must name an image file", file=data, item=item_id)
-            caption = field(entry, "caption", data, item_id, str)
-            boxes = field(entry, "boxes", data, item_id, list)
-            if not boxes:
-                raise EvalDataError("field 'boxes' is empty", file=data, item=item_id)
-            # The official script asks about the box (as a mask), not about the entry's segmentation.
-            items.append(
-                EvalItem(
-                    id=item_id,
-                    question=self.question,
-                    regions=[xywh_box(boxes[0], data, item_id)],
-                    image=media_path(root, image),
-                    reference=[caption],
-                    meta={"file_name": image},
-                )
+    def entry_items(self, entry: Any, index: int, data: Path, root: Path) -> list[EvalItem]:
+        item_id = str(index)
+        images = field(entry, "image", data, item_id, (list, str))
+        image = images[0] if isinstance(images, list) and images else images
+        if not isinstance(image, str):
+            raise EvalDataError("field 'image' must name an image file", file=data, item=item_id)
+        caption = field(entry, "caption", data, item_id, str)
+        boxes = field(entry, "boxes", data, item_id, list)
+        if not boxes:
+            raise EvalDataError("field 'boxes' is empty", file=data, item=item_id)
+        # The official script asks about the box (as a mask), not about the entry's segmentation.
+        return [
+            self.caption_item(
+                item_id,
+                xywh_box(boxes[0], data, item_id),
+                caption,
+                image=media_path(root, image),
+                meta={"file_name": image},
             )
-        return items
+        ]
 
 
 class RefL4Brief(CaptionBenchmark):
@@ -299,37 +295,22 @@ class RefL4Brief(CaptionBenchmark):
     name = "refl4"
     description = "Ref-L4 brief region captions (ref-l4-val.json, Objects365 part), without the judge shortening"
     question = "Please describe <region> in brief."
-    paper_numbers = {
-        "PixelRefer-7B (GPT-shortened)": {"meteor": 13.8, "cider": 98.2},
-        "PixelRefer-2B (GPT-shortened)": {"meteor": 14.1, "cider": 102.2},
-        "PixelRefer-Lite-7B (GPT-shortened)": {"meteor": 12.6, "cider": 89.4},
-        "PixelRefer-Lite-2B (GPT-shortened)": {"meteor": 13.0, "cider": 92.9},
-    }
     # The official script keeps only the Objects365 images of the file.
     source_filter = "objects365"
 
-    def load(self, data: Path) -> list[EvalItem]:
-        data = Path(data)
-        root = Path(self.image_root) if self.image_root is not None else data.parent
-        items = []
-        for number, entry in read_json_lines(data):
-            item_id = f"line{number}"
-            file_name = field(entry, "file_name", data, item_id, str)
-            if self.source_filter and self.source_filter not in file_name:
-                continue
-            caption = field(entry, "caption", data, item_id, str)
-            box = xywh_box(field(entry, "bbox", data, item_id), data, item_id)
-            items.append(
-                EvalItem(
-                    id=item_id,
-                    question=self.question,
-                    regions=[box],
-                    image=media_path(root, file_name),
-                    reference=[caption],
-                    meta={"file_name": file_name},
-                )
-            )
-        return items
+    def entries(self, data: Path) -> Iterable[tuple[int, Any]]:
+        return read_json_lines(data)  # one JSON object per line, indexed by line number
+
+    def entry_items(self, entry: Any, index: int, data: Path, root: Path) -> list[EvalItem]:
+        item_id = f"line{index}"
+        file_name = field(entry, "file_name", data, item_id, str)
+        if self.source_filter and self.source_filter not in file_name:
+            return []
+        caption = field(entry, "caption", data, item_id, str)
+        box = xywh_box(field(entry, "bbox", data, item_id), data, item_id)
+        return [
+            self.caption_item(item_id, box, caption, image=media_path(root, file_name), meta={"file_name": file_name})
+        ]
 
 
 def frame_key(value: Any, path: Path, item: str) -> int:
@@ -348,36 +329,22 @@ class HCSTVGCaptions(CaptionBenchmark):
     name = "hc-stvg"
     description = "HC-STVG brief video object captions (processed json; videos): BLEU-4, METEOR, ROUGE-L, CIDEr"
     question = "Please describe the object <region> in brief in the video."
-    paper_numbers = {
-        "PixelRefer-7B": {"meteor": 21.1, "cider": 97.4, "bleu_4": 20.1, "rouge_l": 46.1, "spice": 32.5},
-        "PixelRefer-2B": {"meteor": 19.5, "cider": 78.9, "bleu_4": 17.2, "rouge_l": 43.8, "spice": 30.1},
-        "PixelRefer-Lite-7B": {"meteor": 21.9, "cider": 92.7, "bleu_4": 20.7, "rouge_l": 46.5, "spice": 31.3},
-        "PixelRefer-Lite-2B": {"meteor": 21.1, "cider": 91.3, "bleu_4": 19.0, "rouge_l": 45.8, "spice": 31.2},
-        "DAM-8B": {"cider": 91.0},
-        "PAM-3B": {"cider": 70.3},
-    }
 
-    def load(self, data: Path) -> list[EvalItem]:
-        data = Path(data)
-        root = Path(self.image_root) if self.image_root is not None else data.parent
-        items = []
-        for index, entry in enumerate(read_list(data)):
-            item_id = str(index)
-            video = field(entry, "video", data, item_id, str)
-            frame = frame_key(field(entry, "frame_idx", data, item_id), data, item_id)
-            mask = segmentation_region(field(entry, "mask", data, item_id), data, item_id)
-            caption = field(entry, "caption", data, item_id, str)
-            items.append(
-                EvalItem(
-                    id=item_id,
-                    question=self.question,
-                    regions=[{frame: mask}],
-                    video=video_source(root, video),
-                    reference=[caption],
-                    meta={"video": video, "frame_idx": frame},
-                )
+    def entry_items(self, entry: Any, index: int, data: Path, root: Path) -> list[EvalItem]:
+        item_id = str(index)
+        video = field(entry, "video", data, item_id, str)
+        frame = frame_key(field(entry, "frame_idx", data, item_id), data, item_id)
+        mask = segmentation_region(field(entry, "mask", data, item_id), data, item_id)
+        caption = field(entry, "caption", data, item_id, str)
+        return [
+            self.caption_item(
+                item_id,
+                {frame: mask},
+                caption,
+                video=video_source(root, video),
+                meta={"video": video, "frame_idx": frame},
             )
-        return items
+        ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,7 +357,7 @@ def metric_slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-class VideoReferQ(Benchmark):
+class VideoReferQ(AnnotationFileBenchmark):
     """VideoRefer-Bench-Q: a question about one or more objects (`<region>` each), its options, and the mask of every
     object on the frame `frame_idx` (the single-frame mode PixelRefer is evaluated in)."""
 
@@ -404,69 +371,53 @@ class VideoReferQ(Benchmark):
     all_frames = False
     _TYPES = ("basic_questions", "sequential_questions", "relationship_questions", "reasoning_questions")
     _TYPES += ("future_predictions",)
-    paper_numbers = {
-        "PixelRefer-7B": dict(zip((*_TYPES, "accuracy"), (84.5, 76.9, 71.5, 89.5, 79.7, 79.4))),
-        "PixelRefer-2B": dict(zip((*_TYPES, "accuracy"), (82.1, 73.0, 64.7, 90.2, 81.6, 76.5))),
-        "PixelRefer-Lite-7B": dict(zip((*_TYPES, "accuracy"), (81.2, 72.7, 68.5, 88.4, 81.6, 76.9))),
-        "PixelRefer-Lite-2B": dict(zip((*_TYPES, "accuracy"), (70.3, 58.8, 56.4, 80.7, 73.7, 65.7))),
-        "VideoRefer-VideoLLaMA3-7B": {"accuracy": 80.1},
-        "UniPixel-7B (single frame)": {"accuracy": 73.4},
-    }
 
-    def load(self, data: Path) -> list[EvalItem]:
-        data = Path(data)
-        root = Path(self.image_root) if self.image_root is not None else data.parent
-        items, seen = [], set()
-        for index, entry in enumerate(read_list(data)):
-            item_id = str(entry.get("id", index)) if isinstance(entry, dict) else str(index)
-            if item_id in seen:
-                raise EvalDataError("duplicate id", file=data, item=item_id)
-            seen.add(item_id)
-            video = field(entry, "video", data, item_id, str)
-            question = field(entry, "Question", data, item_id, str)
-            options = field(entry, "options", data, item_id, list)
-            if not options or not all(isinstance(option, str) for option in options):
-                raise EvalDataError("field 'options' must be a non-empty list of strings", file=data, item=item_id)
-            answer = field(entry, "Answer", data, item_id, str)
-            question_type = field(entry, "type", data, item_id, str)
-            frame = frame_key(field(entry, "frame_idx", data, item_id), data, item_id)
-            annotations = field(entry, "annotation", data, item_id, list)
-            regions = []
-            for object_index, annotation in enumerate(annotations):
-                where = f"{item_id}, object {object_index}"
-                if not isinstance(annotation, dict):
-                    raise EvalDataError("an annotation must be {frame: {segmentation}}", file=data, item=where)
-                if self.all_frames:
-                    region = {}
-                    for key, on_frame in annotation.items():
-                        segmentation = field(on_frame, "segmentation", data, f"{where}, frame {key}")
-                        if segmentation:  # frames where the object is absent have no mask
-                            region[frame_key(key, data, where)] = segmentation_region(segmentation, data, where)
-                    if not region:
-                        raise EvalDataError("the object has no mask on any frame", file=data, item=where)
-                    regions.append(dict(sorted(region.items())))
-                    continue
-                on_frame = annotation.get(str(frame), annotation.get(frame))
-                if on_frame is None:
-                    raise EvalDataError(f"no mask on frame_idx {frame}", file=data, item=where)
-                segmentation = field(on_frame, "segmentation", data, where)
-                regions.append({frame: segmentation_region(segmentation, data, where)})
-            if question.count("<region>") != len(regions):
-                raise EvalDataError(
-                    f"the question has {question.count('<region>')} <region> but {len(regions)} annotated objects",
-                    file=data,
-                    item=item_id,
-                )
-            items.append(
-                EvalItem(
-                    id=item_id,
-                    question=f"{question} {' '.join(options)}. {self.instruction}",
-                    regions=regions,
-                    video=video_source(root, video),
-                    reference=answer,
-                    meta={"type": question_type, "letters": option_letters(options), "video": video},
-                )
+    def entry_items(self, entry: Any, index: int, data: Path, root: Path) -> list[EvalItem]:
+        items = []
+        item_id = str(entry.get("id", index)) if isinstance(entry, dict) else str(index)
+        video = field(entry, "video", data, item_id, str)
+        question = field(entry, "Question", data, item_id, str)
+        options = field(entry, "options", data, item_id, list)
+        if not options or not all(isinstance(option, str) for option in options):
+            raise EvalDataError("field 'options' must be a non-empty list of strings", file=data, item=item_id)
+        answer = field(entry, "Answer", data, item_id, str)
+        question_type = field(entry, "type", data, item_id, str)
+        frame = frame_key(field(entry, "frame_idx", data, item_id), data, item_id)
+        annotations = field(entry, "annotation", data, item_id, list)
+        regions = []
+        for object_index, annotation in enumerate(annotations):
+            where = f"{item_id}, object {object_index}"
+            if not isinstance(annotation, dict):
+                raise EvalDataError("an annotation must be {frame: {segmentation}}", file=data, item=where)
+            if self.all_frames:
+                region = {}
+                for key, on_frame in annotation.items():
+                    segmentation = field(on_frame, "segmentation", data, f"{where}, frame {key}")
+                    if segmentation:  # frames where the object is absent have no mask
+                        region[frame_key(key, data, where)] = segmentation_region(segmentation, data, where)
+                if not region:
+                    raise EvalDataError("the object has no mask on any frame", file=data, item=where)
+                regions.append(dict(sorted(region.items())))
+                continue
+            on_frame = annotation.get(str(frame), annotation.get(frame))
+            if on_frame is None:
+                raise EvalDataError(f"no mask on frame_idx {frame}", file=data, item=where)
+            segmentation = field(on_frame, "segmentation", data, where)
+            regions.append({frame: segmentation_region(segmentation, data, where)})
+        try:
+            check_region_placeholders("", question, len(regions))
+        except ValueError as error:
+            raise EvalDataError(f"{error} (one per annotated object)", file=data, item=item_id) from error
+        items.append(
+            EvalItem(
+                id=item_id,
+                question=f"{question} {' '.join(options)}. {self.instruction}",
+                regions=regions,
+                video=video_source(root, video),
+                reference=answer,
+                meta={"type": question_type, "letters": option_letters(options), "video": video},
             )
+        )
         return items
 
     def score(self, records: list[dict[str, Any]], options: ScoreOptions) -> dict[str, Any]:

@@ -255,14 +255,6 @@ class DLCBench(JudgedBenchmark):
 
     name = "dlc-bench"
     description = "DLC-Bench detailed localized captioning, judged by an LLM (DAM's protocol); avg of pos and neg"
-    # Paper Table 1 (percent); DAM-3B from the DAM paper as quoted there.
-    paper_numbers = {
-        "PixelRefer-7B": {"avg_pos": 49.6, "avg_neg": 87.0, "avg": 68.3},
-        "PixelRefer-2B": {"avg_pos": 46.8, "avg_neg": 85.4, "avg": 66.1},
-        "PixelRefer-Lite-7B": {"avg_pos": 48.2, "avg_neg": 72.4, "avg": 60.3},
-        "PixelRefer-Lite-2B": {"avg_pos": 41.1, "avg_neg": 80.2, "avg": 60.7},
-        "DAM-3B": {"avg_pos": 52.3, "avg_neg": 82.2, "avg": 67.3},
-    }
 
     def load(self, data: Path) -> list[EvalItem]:
         data = Path(data)
@@ -463,56 +455,6 @@ class VideoReferBenchD(JudgedBenchmark):
             f"VideoRefer-Bench-D video object descriptions, {'multi' if lite else 'single'}-frame masks "
             f"({'PixelRefer-Lite' if lite else 'PixelRefer'} protocol), judged 0-5 on four dimensions"
         )
-        # Paper Table 2 (S = single-frame masks, M = multi-frame); README for VideoRefer-VideoLLaMA3-7B. The paper's
-        # Lite-7B temporal score (2.28) is left out: it contradicts its own average.
-        if lite:
-            self.paper_numbers = {
-                "PixelRefer-Lite-7B": {
-                    "subject_correspondence": 4.69,
-                    "appearance_description": 3.56,
-                    "hallucination_detection": 3.06,
-                    "average": 3.64,
-                },
-                "PixelRefer-Lite-2B": {
-                    "subject_correspondence": 4.56,
-                    "appearance_description": 3.41,
-                    "temporal_description": 3.08,
-                    "hallucination_detection": 3.12,
-                    "average": 3.53,
-                },
-                "DAM-8B": {
-                    "subject_correspondence": 4.69,
-                    "appearance_description": 3.61,
-                    "temporal_description": 3.34,
-                    "hallucination_detection": 3.09,
-                    "average": 3.68,
-                },
-            }
-        else:
-            self.paper_numbers = {
-                "PixelRefer-7B": {
-                    "subject_correspondence": 4.70,
-                    "appearance_description": 3.59,
-                    "temporal_description": 3.39,
-                    "hallucination_detection": 3.13,
-                    "average": 3.70,
-                },
-                "PixelRefer-2B": {
-                    "subject_correspondence": 4.59,
-                    "appearance_description": 3.40,
-                    "temporal_description": 3.25,
-                    "hallucination_detection": 3.09,
-                    "average": 3.58,
-                },
-                "VideoRefer-VideoLLaMA3-7B": {"average": 3.72},
-                "GPT-4o": {
-                    "subject_correspondence": 3.34,
-                    "appearance_description": 2.96,
-                    "temporal_description": 3.01,
-                    "hallucination_detection": 2.50,
-                    "average": 2.95,
-                },
-            }
 
     def load(self, data: Path) -> list[EvalItem]:
         file = _annotation_file(data, "VideoRefer-Bench-D.json")
@@ -688,16 +630,6 @@ class FerretBenchReasoning(JudgedBenchmark):
             "Ferret-Bench referring reasoning, judged against the reference answers (score = model / reference x 100)"
             + (", PixelRefer-Lite prompt" if lite else "")
         )
-        self.paper_numbers = (
-            {"PixelRefer-Lite-7B": {"score": 78.1}, "PixelRefer-Lite-2B": {"score": 74.5}}
-            if lite
-            else {
-                "PixelRefer-7B": {"score": 83.1},
-                "PixelRefer-2B": {"score": 78.5},
-                "Osprey-7B": {"score": 67.8},
-                "Ferret-7B": {"score": 67.3},
-            }
-        )
 
     @staticmethod
     def _ferret_file(data: Path, name: str) -> Path:
@@ -862,13 +794,6 @@ class RefL4Clair(JudgedBenchmark):
 
     name = "ref-l4-clair"
     description = "Ref-L4 detailed region captions scored by CLAIR (an LLM judge, 0-100)"
-    paper_numbers = {
-        "PixelRefer-7B": {"clair": 60.8},
-        "PixelRefer-2B": {"clair": 60.9},
-        "PixelRefer-Lite-7B": {"clair": 56.2},
-        "PixelRefer-Lite-2B": {"clair": 63.5},
-        "DAM-8B": {"clair": 57.9},
-    }
 
     def load(self, data: Path) -> list[EvalItem]:
         file = _annotation_file(data, "ref-l4-val.json")

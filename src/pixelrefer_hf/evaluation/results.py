@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .base import Benchmark
+from .base import Benchmark, published_numbers
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -140,8 +140,8 @@ def compare_table(runs: list[dict[str, Any]], paper_rows: bool = True) -> str:
             cells = [format_number(metrics[m]) if m in metrics else "-" for m in names]
             label = f"{run['model']} ({run.get('run_dir', '')})"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {run['items']} | {run['errors']} |")
-        if paper_rows and cls is not None:
-            for model, numbers in cls.paper_numbers.items():
+        if paper_rows:
+            for model, numbers in published_numbers(name).items():
                 cells = [format_number(numbers[m]) if m in numbers else "-" for m in names]
                 lines.append(f"| paper: {model} | " + " | ".join(cells) + " | | |")
         sections.append("\n".join(lines))
@@ -157,17 +157,14 @@ def compare_chart(runs: list[dict[str, Any]], path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise ImportError("--chart needs matplotlib: pip install matplotlib") from error
-    from .benchmarks import benchmark_classes
-
-    classes = benchmark_classes()
     benchmarks = list(dict.fromkeys(run["benchmark"] for run in runs))
     figure, axes = plt.subplots(1, len(benchmarks), figsize=(5 * len(benchmarks), 4), squeeze=False)
     for axis, name in zip(axes[0], benchmarks):
         group = [run for run in runs if run["benchmark"] == name]
         bars = {f"{run['model']}": numeric_metrics(run["metrics"]) for run in group}
-        cls = classes.get(name)
-        if cls is not None and "PixelRefer-7B" in cls.paper_numbers:
-            bars["paper: PixelRefer-7B"] = cls.paper_numbers["PixelRefer-7B"]
+        paper = published_numbers(name)
+        if "PixelRefer-7B" in paper:
+            bars["paper: PixelRefer-7B"] = paper["PixelRefer-7B"]
         metrics = [m for m in next(iter(bars.values())) if m != "no_option_letter"]
         width = 0.8 / len(bars)
         for offset, (label, values) in enumerate(bars.items()):

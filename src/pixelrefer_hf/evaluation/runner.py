@@ -18,10 +18,11 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..media_io import read_video
 from .base import Benchmark, EvalDataError, EvalItem, ScoreOptions
 from .benchmarks import get_benchmark
 from .results import build_results, write_results
@@ -36,9 +37,10 @@ class EvalRunError(RuntimeError):
     """A run that could not finish: a process failed, or items have no prediction. Rerunning resumes it."""
 
 
-@dataclass
-class EvalOptions:
-    """Everything `pixelrefer eval` takes besides the benchmark name; recorded in run.json."""
+@dataclass(kw_only=True)
+class EvalOptions(ScoreOptions):
+    """Everything `pixelrefer eval` takes besides the benchmark name, the scoring options (`ScoreOptions`, whose
+    `run_dir` is `out`) included; recorded in run.json."""
 
     model: str
     data: str
@@ -47,29 +49,16 @@ class EvalOptions:
     limit: int | None = None
     skip_bad_items: bool = False
     image_root: str | None = None
-    ssim_model: str | None = None
-    spice: bool = False
     max_new_tokens: int | None = None
     device: str | None = None
     cpu: bool = False
     dtype: str = "auto"
     fps: float | None = None
     max_frames: int | None = None
-    judge_base_url: str | None = None
-    judge_model: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_timeout: float = 60.0
 
     def score_options(self) -> ScoreOptions:
-        return ScoreOptions(
-            run_dir=Path(self.out),
-            ssim_model=self.ssim_model,
-            judge_base_url=self.judge_base_url,
-            judge_model=self.judge_model,
-            judge_api_key_env=self.judge_api_key_env,
-            judge_timeout=self.judge_timeout,
-            spice=self.spice,
-        )
+        values = {option.name: getattr(self, option.name) for option in fields(ScoreOptions)}
+        return ScoreOptions(**{**values, "run_dir": Path(self.out)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,45 +221,12 @@ def sample_video(source: str | list[str], keep: set[int], fps: float, max_frames
         return [files[i] for i in chosen], [float(i) for i in chosen], {i: p for p, i in enumerate(chosen)}
     if not os.path.isfile(source):
         raise ValueError(f"cannot read video {source!r}: no such file or frame folder")
-    return _sample_video_file(source, keep, fps, max_frames if grid else 0)
-
-
-def _sample_video_file(path: str, keep: set[int], fps: float, max_frames: int):
-    try:
-        import av
-    except ImportError as error:
-        raise ImportError('reading video files needs PyAV: pip install "pixelrefer-hf[video]"') from error
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            duration = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            step = 1.0 / fps
-            if duration is not None and max_frames and duration * fps > max_frames:
-                step = duration / max_frames
-            source_fps = float(stream.average_rate) if stream.average_rate else None
-            tolerance = 0.5 / source_fps if source_fps else 1e-6
-            frames, timestamps, positions = [], [], {}
-            next_time, on_grid = 0.0, 0
-            for index, frame in enumerate(container.decode(stream)):
-                time = float(frame.time) if frame.time is not None else index * step
-                grid = time + tolerance >= next_time and on_grid < max_frames
-                if grid:
-                    on_grid += 1
-                    next_time += step * (int((time + tolerance - next_time) / step) + 1)
-                if grid or index in keep:
-                    positions[index] = len(frames)
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    timestamps.append(time)
-                if on_grid >= max_frames and index >= max(keep, default=-1):
-                    break
-    except (av.FFmpegError, OSError, IndexError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read video {path!r}: {error}") from error
-    missing = sorted(keep - set(positions))
-    if missing:
-        raise ValueError(f"video {path!r}: frame {missing[0]} is annotated but the video has fewer frames")
-    return frames, timestamps, positions
+    # The package's one video decoder, as the pipeline and training rows use it; without the grid it still keeps
+    # one grid frame (max_frames must be positive), which is left out here.
+    video = read_video(source, fps=fps, max_frames=max_frames if grid else 1, required_frames=keep)
+    kept = [k for k, number in enumerate(video.frame_numbers) if grid or number in keep]
+    positions = {video.frame_numbers[k]: position for position, k in enumerate(kept)}
+    return [video.frames[k] for k in kept], [video.timestamps[k] for k in kept], positions
 
 
 def pipeline_input(item: EvalItem, fps: float, max_frames: int) -> dict[str, Any]:
