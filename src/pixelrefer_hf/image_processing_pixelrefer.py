@@ -24,6 +24,7 @@ Crops and context images match OpenCV exactly with `"opencv"` and to within one 
 (`modeling_tests/test_parity.py`).
 """
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -733,12 +734,15 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         Crops are ordered sample-major, then region, then frame (ascending).
         """
         outputs: dict[str, list] = {key: [] for key in self.model_input_names}
+        # Lite global context images of the whole call, by frame content: samples asking about the same picture
+        # (several questions about one image) share one, so the tower encodes it once.
+        global_images: dict[tuple, int] = {}
         layouts = []
         for sample_index, sample in enumerate(samples):
             visual_token_counts = []
             if sample.frames and not self.is_lite:
                 visual_token_counts = self._encode_frames(sample, sample_index, outputs)
-            region_token_counts, region_timestamps = self._encode_regions(sample, sample_index, outputs)
+            region_token_counts, region_timestamps = self._encode_regions(sample, sample_index, outputs, global_images)
             layouts.append(
                 PixelReferSampleLayout(
                     is_video=sample.is_video,
@@ -821,9 +825,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         return keep.reshape(-1)
 
     def _encode_regions(
-        self, sample: PixelReferSample, sample_index: int, outputs: dict[str, list]
+        self, sample: PixelReferSample, sample_index: int, outputs: dict[str, list], global_images: dict[tuple, int]
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """Object crops (and Lite context images) of one sample; appends to `outputs`.
+        """Object crops (and Lite context images) of one sample; appends to `outputs`. `global_images` maps a frame's
+        content and pixel budget to its Lite global context image among those of the call.
 
         Returns per region the object-token count and the timestamp of each of its crops.
         """
@@ -833,7 +838,6 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         # Official inference: the sample's budget is shared between its crops (and Lite context images).
         max_pixels = self.max_visual_tokens * self.patch_size**2 // num_crops
         local_of_frame: dict[int, int] = {}
-        global_of_frame: dict[int, int] = {}
 
         token_counts, timestamps = [], []
         for region_index, region_frames in enumerate(sample.regions):
@@ -868,12 +872,13 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
                         outputs["region_local_grid_thw"].append([1, local[1], local[2]])
                     else:
                         outputs["region_local_index"].append(local_of_frame[frame_index])
-                    if frame_index not in global_of_frame:
+                    key = (frame.shape, hashlib.blake2b(frame.tobytes(), digest_size=16).digest(), max_pixels)
+                    if key not in global_images:
                         whole = self._context_image(frame, self.global_image_size, max_pixels)
-                        global_of_frame[frame_index] = len(outputs["region_global_grid_thw"])
+                        global_images[key] = len(outputs["region_global_grid_thw"])
                         outputs["region_global_pixel_values"].append(whole[0])
                         outputs["region_global_grid_thw"].append([1, whole[1], whole[2]])
-                    outputs["region_global_index"].append(global_of_frame[frame_index])
+                    outputs["region_global_index"].append(global_images[key])
             token_counts.append(region_counts)
             timestamps.append(region_times)
         return token_counts, timestamps

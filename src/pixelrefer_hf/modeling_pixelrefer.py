@@ -1005,6 +1005,119 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             for module in training_modules:
                 module.train()
 
+    @torch.no_grad()
+    def generate_sharing_image(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        image_merge_sizes: torch.LongTensor | None = None,
+        image_keep_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """`generate` for a batch whose rows all ask about the same image or video (the processor repeated it for
+        every row): the tower encodes it once and the prompt prefix the rows share (everything up to the last
+        `<image>` token and beyond, as far as the rows agree) is prefilled once; its KV cache is then repeated for
+        every row, and each row's question is prefilled after it.
+
+        Answers are those of `generate` on the same inputs (greedy decoding gives the same tokens). The returned
+        sequences have the same width as `input_ids` before the new tokens, so callers slice the answers off as usual;
+        the prompt part holds each row's padding between the shared prefix and its question instead of before it.
+        Rows whose images differ, PixelRefer-Lite (no image tokens reach its LLM), beam search, several sequences per
+        row, a static cache or `use_cache=False` take the plain `generate` path. Memory: the repeated prefix cache
+        is what a plain batch holds for those positions; nothing is kept after the call.
+        """
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_grid_thw": image_grid_thw,
+            "image_merge_sizes": image_merge_sizes,
+            "image_keep_mask": image_keep_mask,
+        }
+        prefix = self._shared_image_prefix(input_ids, attention_mask, pixel_values, image_grid_thw, image_keep_mask)
+        plain = (
+            prefix is None
+            or kwargs.get("num_beams", 1) > 1
+            or kwargs.get("num_return_sequences", 1) > 1
+            or kwargs.get("use_cache") is False
+            or kwargs.get("cache_implementation") is not None
+            or kwargs.get("past_key_values") is not None
+        )
+        if plain:
+            return self.generate(**{key: value for key, value in inputs.items() if value is not None}, **kwargs)
+        prefix_length, images_per_row = prefix
+        batch_size = input_ids.shape[0]
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        shared_ids = rows[0][:prefix_length]
+        first_row_image = {
+            "pixel_values": pixel_values[: int(image_grid_thw[:images_per_row].prod(-1).sum())],
+            "image_grid_thw": image_grid_thw[:images_per_row],
+            "image_merge_sizes": image_merge_sizes[:images_per_row],
+        }
+        if image_keep_mask is not None:
+            merged = image_grid_thw[:images_per_row].prod(-1) // image_merge_sizes[:images_per_row].pow(2)
+            first_row_image["image_keep_mask"] = image_keep_mask[: int(merged.sum())]
+        # The prefix once: (1, prefix_length) tokens, the image encoded once inside.
+        prefilled = self.model(
+            input_ids=shared_ids[None],
+            attention_mask=torch.ones_like(shared_ids)[None],
+            use_cache=True,
+            **first_row_image,
+        )
+        cache = prefilled.past_key_values
+        cache.batch_repeat_interleave(batch_size)
+        # Each row: the shared prefix, its padding, then its own question (the padding is masked, and positions
+        # follow the attention mask, so every row sees what a single call would).
+        width = input_ids.shape[1]
+        pad_id = self.generation_config.pad_token_id
+        pad_id = pad_id if pad_id is not None else 0
+        arranged = input_ids.new_full((batch_size, width), pad_id)
+        arranged_mask = attention_mask.new_zeros((batch_size, width))
+        for row, ids in enumerate(rows):
+            suffix = ids[prefix_length:]
+            arranged[row, :prefix_length] = shared_ids
+            arranged[row, width - len(suffix) :] = suffix
+            arranged_mask[row, :prefix_length] = 1
+            arranged_mask[row, width - len(suffix) :] = 1
+        return self.generate(input_ids=arranged, attention_mask=arranged_mask, past_key_values=cache, **kwargs)
+
+    def _shared_image_prefix(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None,
+        image_grid_thw: torch.LongTensor | None,
+        image_keep_mask: torch.BoolTensor | None,
+    ) -> tuple[int, int] | None:
+        """`(length of the prompt prefix all rows share, images per row)` when every row holds the same images and
+        all its `<image>` tokens lie in that prefix, with at least one token of its own after it; else None."""
+        batch_size = input_ids.shape[0]
+        if self.config.is_lite or pixel_values is None or batch_size < 2 or len(image_grid_thw) % batch_size:
+            return None
+        images_per_row = len(image_grid_thw) // batch_size
+        grids = image_grid_thw.view(batch_size, images_per_row, 3)
+        if not bool((grids == grids[:1]).all()):
+            return None
+        pixels = pixel_values.view(batch_size, -1, pixel_values.shape[-1])  # equal grids: equal patch counts
+        if not all(torch.equal(pixels[0], pixels[row]) for row in range(1, batch_size)):
+            return None
+        if image_keep_mask is not None:
+            keep = image_keep_mask.view(batch_size, -1)
+            if not bool((keep == keep[:1]).all()):
+                return None
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        shortest = min(len(ids) for ids in rows)
+        agree = torch.stack([ids[:shortest] for ids in rows]).eq(rows[0][:shortest]).all(dim=0)
+        prefix_length = int(agree.long().cumprod(0).sum())
+        # Every row keeps at least its last token to prefill (the first answer token comes from its logits).
+        prefix_length = min(prefix_length, shortest - 1)
+        image_positions = torch.nonzero(rows[0] == self.config.image_token_id).flatten()
+        if len(image_positions) == 0 or int(image_positions[-1]) >= prefix_length:
+            return None
+        return prefix_length, images_per_row
+
     def _get_logits_processor(
         self, generation_config, input_ids_seq_length=None, *args, **kwargs
     ) -> LogitsProcessorList:

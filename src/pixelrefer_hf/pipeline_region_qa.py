@@ -12,6 +12,7 @@ answered in real batches of `batch_size` (one left-padded `generate` call per ba
 `propagate_regions=True` a SAM2 video checkpoint named by `sam2_model=` carries each region to every frame.
 """
 
+import hashlib
 import math
 import numbers
 import os
@@ -61,6 +62,18 @@ def _is_box(region) -> bool:
         and len(region) == 4
         and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in region)
     )
+
+
+def _media_key(item: dict) -> tuple:
+    """What identifies a prepared item's pixels (its images, or its video frames and their times): items with the
+    same key ask about the same picture."""
+    frames = item["images"] if item["images"] is not None else item["video"]
+    digests = tuple(
+        (frame.shape, hashlib.blake2b(np.ascontiguousarray(frame).tobytes(), digest_size=16).digest())
+        for frame in frames
+    )
+    timestamps = tuple(item["video_timestamps"]) if item["video_timestamps"] is not None else None
+    return ("video" if item["images"] is None else "images", digests, timestamps)
 
 
 def _item_error(where: str, error: ValueError) -> str:
@@ -265,14 +278,36 @@ class RegionQAPipeline(Pipeline):
                     prepared.append({"error": str(error)})
             for (index, _), item in zip(batch, prepared):
                 item.setdefault("where", f"item {index}" if indexed else "")
-            inputs = self._encode_batch(prepared, skip_bad_items)
-            good = [item for item in prepared if "error" not in item]
-            outputs = iter(self.forward(inputs, **forward_params)) if good else iter(())
+            answers = {}
+            for group, share_image in self._generate_calls(prepared):
+                inputs = self._encode_batch(group, skip_bad_items)
+                good = [item for item in group if "error" not in item]
+                if good:
+                    new_tokens = self.forward(inputs, share_image=share_image and len(good) > 1, **forward_params)
+                    answers |= {id(item): tokens for item, tokens in zip(good, new_tokens, strict=True)}
             for item in prepared:
                 if "error" in item:
                     yield {"error": item["error"]}
                 else:
-                    yield self.postprocess(next(outputs), **postprocess_params)
+                    yield self.postprocess(answers[id(item)], **postprocess_params)
+
+    def _generate_calls(self, prepared: list[dict]) -> list[tuple[list[dict], bool]]:
+        """How one batch is answered: `(items, share_image)` per `generate` call. PixelRefer items of the batch that
+        ask about the same image or video (the same pixels) form one call that encodes it and prefills its prompt
+        prefix once (`generate_sharing_image`); the other items form one plain left-padded call. PixelRefer-Lite
+        feeds no image tokens to its LLM: its batch stays one call, where the processor encodes each distinct
+        context image once."""
+        good = [item for item in prepared if "error" not in item]
+        if not good:
+            return []
+        if self.model.config.is_lite:
+            return [(good, False)]
+        groups: dict[tuple, list[dict]] = {}
+        for item in good:
+            groups.setdefault(_media_key(item), []).append(item)
+        shared = [(items, True) for items in groups.values() if len(items) > 1]
+        alone = [items[0] for items in groups.values() if len(items) == 1]
+        return shared + ([(alone, False)] if alone else [])
 
     def _encode_batch(self, prepared: list[dict], skip_bad_items: bool):
         """The processor's inputs for the good items of `prepared`, in one left-padded batch, or `None` if none.
@@ -505,16 +540,19 @@ class RegionQAPipeline(Pipeline):
         )
         return dict(inputs)
 
-    def _forward(self, inputs: dict, generate_kwargs: dict | None = None) -> list[torch.Tensor]:
-        """Answer one batch (the processor's inputs, see `_encode`) with one `generate` call; returns each item's new
-        tokens."""
+    def _forward(
+        self, inputs: dict, generate_kwargs: dict | None = None, share_image: bool = False
+    ) -> list[torch.Tensor]:
+        """Answer one batch (the processor's inputs, see `_encode`) with one `generate` call (with `share_image`, its
+        items ask about the same image: `generate_sharing_image`); returns each item's new tokens."""
         inputs = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
         for key in inputs:
             # Only images follow the model dtype; boxes and masks keep float32 (bf16 rounds pixel coordinates).
             if key.endswith("pixel_values"):
                 inputs[key] = inputs[key].to(self.model.dtype)
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {}, return_dict_in_generate=False)
-        sequences = self.model.generate(**inputs, **generate_kwargs)
+        generate = self.model.generate_sharing_image if share_image else self.model.generate
+        sequences = generate(**inputs, **generate_kwargs)
         # Left padding: every prompt ends at the same column, the answers start right after it.
         return list(sequences[:, inputs["input_ids"].shape[1] :])
 
