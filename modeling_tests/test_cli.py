@@ -109,6 +109,26 @@ def test_ask_image_with_regions_in_order_matches_the_pipeline(files, capsys, cap
     assert status == 0 and out.strip() == swapped["answer"]
 
 
+def test_ask_several_questions_hands_the_regions_out_in_order(files, capsys):
+    """Repeated --question: the region options fill the questions' placeholders in order, one JSON line each, and
+    the answers are those of separate pipeline calls (answered in one batch that shares the picture)."""
+    folder = files["folder"]
+    questions = ["What is <region>?", "Compare <region> and <region>.", "And the whole picture?"]
+    arguments = ["ask", folder / "picture.png", questions[0], "--question", questions[1], "--question", questions[2]]
+    arguments += ["--box", "4,6,30,20", "--mask", folder / "mask.png", "--box", "10,10,40,30"]
+    status, out, err = run_cli([*arguments, "--json", "--max-new-tokens", "5"], capsys)
+    assert status == 0, err
+    results = [json.loads(line) for line in out.splitlines()]
+    model, processor = tiny_model_and_processor("pixelrefer")
+    pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa")
+    regions = [[[4, 6, 30, 20]], [files["mask"], [10, 10, 40, 30]], []]
+    for result, question, regions_of in zip(results, questions, regions, strict=True):
+        expected = pipe(image=files["picture"], regions=regions_of, question=question, max_new_tokens=5)
+        assert result == {"question": question, "answer": expected["answer"], "model": cli.DEFAULT_MODEL}
+    status, _, err = run_cli([*arguments[:-2], "--max-new-tokens", "5"], capsys)
+    assert status == 2 and "the questions hold 1 + 2 + 0 = 3 <region> placeholder(s) but 2 region(s)" in err
+
+
 def test_ask_video_file(files, capsys):
     status, out, err = run_cli(
         [

@@ -149,14 +149,18 @@ def _ask(args: argparse.Namespace) -> int:
             "--propagate needs --sam2-model (a SAM2 video checkpoint folder or repo id, e.g. "
             "facebook/sam2.1-hiera-tiny)"
         )
-    item = {"question": args.question}
+    questions = [args.question, *(args.questions or [])]
     if is_video:
         decoded = read_video(args.media, fps=args.fps, max_frames=args.max_frames, show_progress=True)
-        item.update(video=decoded.frames, video_timestamps=decoded.timestamps)
-        item["regions"] = [{args.frame: region} for region in regions]
+        media = {"video": decoded.frames, "video_timestamps": decoded.timestamps}
+        regions = [{args.frame: region} for region in regions]
     else:
         # Read before the model loads, so that an unreadable file is reported at once.
-        item.update(image=load_image(args.media, "image"), regions=regions)
+        media = {"image": load_image(args.media, "image")}
+    items = [
+        {**media, "question": question, "regions": regions_of}
+        for question, regions_of in zip(questions, split_regions(questions, regions), strict=True)
+    ]
 
     model, processor = load_model_and_processor(args.model)
     pipe = RegionQAPipeline(model=model, processor=processor, task="region-qa", device=args.device)
@@ -165,12 +169,33 @@ def _ask(args: argparse.Namespace) -> int:
         options["sam_model"] = args.sam_model
     if args.propagate:
         options.update(propagate_regions=True, sam2_model=args.sam2_model)
-    result = pipe(item, **options)
-    if args.json:
-        print(json.dumps({"question": args.question, "answer": result["answer"], "model": args.model}))
-    else:
-        print(result["answer"])
+    # One batch: questions about the same picture share its encoding and prompt prefix.
+    results = pipe(items, batch_size=len(items), **options)
+    for question, result in zip(questions, results, strict=True):
+        if args.json:
+            print(json.dumps({"question": question, "answer": result["answer"], "model": args.model}))
+        else:
+            print(result["answer"])
     return 0
+
+
+def split_regions(questions: list[str], regions: list) -> list[list]:
+    """The region options in order, handed to the questions in order: each takes one per `<region>` it holds."""
+    wanted = [question.count("<region>") for question in questions]
+    if sum(wanted) != len(regions):
+        held = (
+            f"the question holds {wanted[0]}"
+            if len(wanted) == 1
+            else f"the questions hold {' + '.join(map(str, wanted))} ="
+        )
+        if len(wanted) > 1:
+            held += f" {sum(wanted)}"
+        raise ValueError(
+            f"{held} <region> placeholder(s) but {len(regions)} region(s) were given; give one --box / --mask / "
+            "--rle / --point per <region>, in order"
+        )
+    starts = [sum(wanted[:k]) for k in range(len(wanted))]
+    return [regions[start : start + count] for start, count in zip(starts, wanted, strict=True)]
 
 
 def describe_model(model, processor) -> dict:
@@ -275,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="ask a question about regions of an image or a video file")
     ask.add_argument("media", help="image or video file")
     ask.add_argument("question", help="the question, with one <region> per region option")
+    ask.add_argument(
+        "--question",
+        dest="questions",
+        action="append",
+        help="another question about the same image or video (repeatable): the region options fill the questions' "
+        "<region> placeholders in order; all are answered in one batch that encodes the picture once",
+    )
     region_help = "repeatable; regions fill the <region> placeholders in the order given"
     for option, metavar, what in (
         ("--box", "X0,Y0,X1,Y1", "a box in pixels"),
