@@ -30,7 +30,7 @@ def run(module, tmp_path: Path, *argv: str) -> dict:
     with torch.random.fork_rng(devices=[]):
         module.main(["--smoke", "--output-dir", str(tmp_path), *argv])
     (json_file,) = tmp_path.glob("*.json")
-    assert json_file.with_suffix(".md").read_text().startswith(("Image", "SAOT", "2 questions", "TINY"))
+    assert json_file.with_suffix(".md").read_text().startswith(("Image", "SAOT", "2 questions", "TINY", "Time"))
     return json.loads(json_file.read_text())
 
 
@@ -115,3 +115,20 @@ def test_fuzz_smoke_run_finds_no_crash_and_no_batch_mismatch(bench, tmp_path):
         bugs = {k: v for k, v in counts[target].items() if k not in ("answered", "clear ValueError")}
         assert not any(bugs.values()), (bugs, payload["failures"][:5])
     assert (tmp_path / "fuzz.md").read_text().startswith("300 fuzz cases (pixelrefer, seed 0)")
+
+
+def test_bench_many_questions_shares_more_as_questions_grow(bench, tmp_path):
+    payload = run(bench("bench_many_questions"), tmp_path, "--threads", "1")
+    timings, flops = payload["timings"], payload["flops"]
+    assert {(r["variant"], r["questions"]) for r in timings} == {
+        (variant, n) for variant in ("pixelrefer", "pixelrefer-lite") for n in (1, 2)
+    }
+    assert all(r["separate_s_per_question"] > 0 and r["shared_s_per_question"] > 0 for r in timings)
+    by_key = {(r["variant"], r["questions"]): r for r in flops}
+    for variant in ("pixelrefer", "pixelrefer-lite"):
+        one, two = by_key[(variant, 1)], by_key[(variant, 2)]
+        assert one["separate_tflops_per_question"] == two["separate_tflops_per_question"]
+        # One question shares nothing (beyond the causal-square convention of the FLOP counter); two share the
+        # image (PixelRefer) or the global context image (Lite).
+        assert 1.0 <= one["ratio"] < 1.05 and two["ratio"] > 1.2
+    assert by_key[("pixelrefer", 1)]["image_tokens"] > 0 and by_key[("pixelrefer-lite", 1)]["image_tokens"] == 0
