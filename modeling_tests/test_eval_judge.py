@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixelrefer_hf.cli import main as cli_main
 from pixelrefer_hf.evaluation.base import EvalDataError, ScoreOptions, published_numbers
 from pixelrefer_hf.evaluation.judge import Judge, JudgeError, JudgeRequest, user_message
 from pixelrefer_hf.evaluation.judged import (
@@ -656,3 +657,34 @@ def test_a_record_without_its_reference_names_the_item(judge_server, tmp_path):
     with pytest.raises(EvalDataError, match=r"item 8: prediction record needs .* 'context'"):
         FerretBenchReasoning().score([record("8", "answer", "reference")], options_for(server.url, tmp_path / "run"))
     assert server.bodies == []  # checked before anything is sent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Through `pixelrefer eval`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_pixelrefer_eval_runs_a_judged_benchmark_end_to_end(dlc_data, judge_server, tmp_path, capsys):
+    """The command answers with the model, asks the judge over HTTP, and records the judge; a rerun resumes from the
+    predictions and the judge cache (no new request), and a dead judge is one line naming its URL."""
+    server = judge_server(dlc_responder)
+    run_dir = tmp_path / "run"
+    arguments = ["eval", "dlc-bench", "--model", "tiny-random", "--data", str(dlc_data), "--out", str(run_dir)]
+    arguments += ["--max-new-tokens", "3", "--judge-model", "judge-llm", "--judge-timeout", "10"]
+    assert cli_main([*arguments, "--judge-base-url", server.url]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["benchmark"] == "dlc-bench" and results["items"] == 3
+    assert {"avg_pos", "avg_neg", "avg"} <= set(results["metrics"])
+    judge = results["metrics"]["judge"] if "judge" in results["metrics"] else results["judge"]
+    assert judge["base_url"] == server.url and judge["model"] == "judge-llm"
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(record["id"] for record in predictions) == ["101", "102", "201"]
+    sent = len(server.bodies)
+    assert sent > 0
+    assert cli_main([*arguments, "--judge-base-url", server.url]) == 0
+    assert len(server.bodies) == sent  # everything came from predictions.jsonl and the judge cache
+    capsys.readouterr()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    status = cli_main(["eval-score", str(run_dir), "--judge-base-url", dead, "--judge-model", "other-judge"])
+    err = capsys.readouterr().err
+    assert status != 0 and dead in err and "Traceback" not in err
