@@ -83,6 +83,22 @@ def test_sharing_gives_the_tokens_of_separate_calls(tiny, media):
         assert answer.tolist() == expected.tolist(), f"row {row}"
 
 
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_the_same_question_about_different_regions(tiny, media):
+    """The rows' prompts agree through the first `<REGION>` run (same text, same token counts); the prefix must stop
+    before it, since each row's object tokens differ."""
+    model, processor = tiny
+    items = image_items() if media == "image" else video_items()
+    items = [item | {"question": "What is <region>?", "regions": item["regions"][:1]} for item in items]
+    inputs = encode(processor, items)
+    width = inputs["input_ids"].shape[1]
+    shared = model.generate_sharing_image(**inputs, **GREEDY)[:, width:]
+    for row, item in enumerate(items):
+        single = encode(processor, [item])
+        expected = model.generate(**single, **GREEDY)[0, single["input_ids"].shape[1] :]
+        assert shared[row][: len(expected)].tolist() == expected.tolist(), f"row {row}"
+
+
 def test_pixelrefer_encodes_the_image_and_prefills_its_prefix_once():
     model, processor = tiny_model_and_processor("pixelrefer", seed=2)
     inputs = encode(processor, image_items())

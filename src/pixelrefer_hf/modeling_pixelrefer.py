@@ -1042,7 +1042,7 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             or kwargs.get("num_beams", 1) > 1
             or kwargs.get("num_return_sequences", 1) > 1
             or kwargs.get("use_cache") is False
-            or kwargs.get("cache_implementation") is not None
+            or kwargs.get("cache_implementation", self.generation_config.cache_implementation) is not None
             or kwargs.get("past_key_values") is not None
         )
         if plain:
@@ -1113,6 +1113,11 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
         prefix_length = int(agree.long().cumprod(0).sum())
         # Every row keeps at least its last token to prefill (the first answer token comes from its logits).
         prefix_length = min(prefix_length, shortest - 1)
+        # `<REGION>` placeholders look alike in every row but stand for each row's own objects: the prefix ends
+        # before the first one (the rows agree up to there, so it is the same position in all of them).
+        region_positions = torch.nonzero(rows[0][:prefix_length] == self.config.region_token_id).flatten()
+        if len(region_positions):
+            prefix_length = int(region_positions[0])
         image_positions = torch.nonzero(rows[0] == self.config.image_token_id).flatten()
         if len(image_positions) == 0 or int(image_positions[-1]) >= prefix_length:
             return None
