@@ -92,8 +92,10 @@ def test_image_as_path_pil_and_array_give_the_same_answer(pipe, tmp_path):
 
 
 def test_list_is_answered_in_real_left_padded_batches(pipe, monkeypatch):
+    """Items about different pictures: one plain left-padded `generate` per batch (items about one picture share
+    it instead, see test_many_questions.py)."""
     batch_size = 2
-    image, mask = make_image(2), disc_mask()
+    mask = disc_mask()
     questions = [
         "What is <region>?",
         "Describe <region> in detail please.",
@@ -103,7 +105,7 @@ def test_list_is_answered_in_real_left_padded_batches(pipe, monkeypatch):
     ]
     items = [
         {
-            "image": image,
+            "image": make_image(2 + i),
             "regions": [mask] * q.count("<region>") if i % 2 else [[4, 4, 40, 30]] * q.count("<region>"),
             "question": q,
         }
