@@ -56,6 +56,17 @@ def encode(processor, items: list[dict]) -> dict:
     )
 
 
+def assert_matches_separate_calls(model, processor, items: list[dict]) -> None:
+    """`generate_sharing_image` on the batch gives each row the tokens of its own single call (up to its EOS)."""
+    inputs = encode(processor, items)
+    width = inputs["input_ids"].shape[1]
+    shared = model.generate_sharing_image(**inputs, **GREEDY)[:, width:]
+    for row, item in enumerate(items):
+        single = encode(processor, [item])
+        expected = model.generate(**single, **GREEDY)[0, single["input_ids"].shape[1] :]
+        assert shared[row][: len(expected)].tolist() == expected.tolist(), f"row {row}"
+
+
 def tower_calls(model) -> list[int]:
     """Patch rows of every vision-tower call, recorded while the returned list lives."""
     rows = []
@@ -72,15 +83,7 @@ def tower_calls(model) -> list[int]:
 @pytest.mark.parametrize("media", ["image", "video"])
 def test_sharing_gives_the_tokens_of_separate_calls(tiny, media):
     model, processor = tiny
-    items = image_items() if media == "image" else video_items()
-    inputs = encode(processor, items)
-    width = inputs["input_ids"].shape[1]
-    shared = model.generate_sharing_image(**inputs, **GREEDY)[:, width:]
-    for row, item in enumerate(items):
-        single = encode(processor, [item])
-        expected = model.generate(**single, **GREEDY)[0, single["input_ids"].shape[1] :]
-        answer = shared[row][: len(expected)]
-        assert answer.tolist() == expected.tolist(), f"row {row}"
+    assert_matches_separate_calls(model, processor, image_items() if media == "image" else video_items())
 
 
 @pytest.mark.parametrize("media", ["image", "video"])
@@ -90,13 +93,7 @@ def test_the_same_question_about_different_regions(tiny, media):
     model, processor = tiny
     items = image_items() if media == "image" else video_items()
     items = [item | {"question": "What is <region>?", "regions": item["regions"][:1]} for item in items]
-    inputs = encode(processor, items)
-    width = inputs["input_ids"].shape[1]
-    shared = model.generate_sharing_image(**inputs, **GREEDY)[:, width:]
-    for row, item in enumerate(items):
-        single = encode(processor, [item])
-        expected = model.generate(**single, **GREEDY)[0, single["input_ids"].shape[1] :]
-        assert shared[row][: len(expected)].tolist() == expected.tolist(), f"row {row}"
+    assert_matches_separate_calls(model, processor, items)
 
 
 def test_pixelrefer_encodes_the_image_and_prefills_its_prefix_once():
