@@ -183,13 +183,8 @@ def split_regions(questions: list[str], regions: list) -> list[list]:
     """The region options in order, handed to the questions in order: each takes one per `<region>` it holds."""
     wanted = [question.count("<region>") for question in questions]
     if sum(wanted) != len(regions):
-        held = (
-            f"the question holds {wanted[0]}"
-            if len(wanted) == 1
-            else f"the questions hold {' + '.join(map(str, wanted))} ="
-        )
-        if len(wanted) > 1:
-            held += f" {sum(wanted)}"
+        summed = " + ".join(map(str, wanted)) + f" = {sum(wanted)}"
+        held = f"the question holds {wanted[0]}" if len(wanted) == 1 else f"the questions hold {summed}"
         raise ValueError(
             f"{held} <region> placeholder(s) but {len(regions)} region(s) were given; give one --box / --mask / "
             "--rle / --point per <region>, in order"

@@ -838,6 +838,8 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
         # Official inference: the sample's budget is shared between its crops (and Lite context images).
         max_pixels = self.max_visual_tokens * self.patch_size**2 // num_crops
         local_of_frame: dict[int, int] = {}
+        # Each frame's content digest, computed once however many regions lie on it.
+        frame_digests: dict[int, tuple] = {}
 
         token_counts, timestamps = [], []
         for region_index, region_frames in enumerate(sample.regions):
@@ -872,7 +874,10 @@ class PixelReferImageProcessor(VideoLlama3ImageProcessorPil):
                         outputs["region_local_grid_thw"].append([1, local[1], local[2]])
                     else:
                         outputs["region_local_index"].append(local_of_frame[frame_index])
-                    key = (frame.shape, hashlib.blake2b(frame.tobytes(), digest_size=16).digest(), max_pixels)
+                    if frame_index not in frame_digests:
+                        digest = hashlib.blake2b(frame.tobytes(), digest_size=16).digest()
+                        frame_digests[frame_index] = (frame.shape, digest)
+                    key = (*frame_digests[frame_index], max_pixels)
                     if key not in global_images:
                         whole = self._context_image(frame, self.global_image_size, max_pixels)
                         global_images[key] = len(outputs["region_global_grid_thw"])

@@ -1036,7 +1036,9 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             "image_merge_sizes": image_merge_sizes,
             "image_keep_mask": image_keep_mask,
         }
-        prefix = self._shared_image_prefix(input_ids, attention_mask, pixel_values, image_grid_thw, image_keep_mask)
+        # Each row's prompt without its left padding.
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        prefix = self._shared_image_prefix(rows, pixel_values, image_grid_thw, image_keep_mask)
         plain = (
             prefix is None
             or kwargs.get("num_beams", 1) > 1
@@ -1049,7 +1051,6 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             return self.generate(**{key: value for key, value in inputs.items() if value is not None}, **kwargs)
         prefix_length, images_per_row = prefix
         batch_size = input_ids.shape[0]
-        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
         shared_ids = rows[0][:prefix_length]
         first_row_image = {
             "pixel_values": pixel_values[: int(image_grid_thw[:images_per_row].prod(-1).sum())],
@@ -1085,15 +1086,15 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
 
     def _shared_image_prefix(
         self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.LongTensor,
+        rows: list[torch.LongTensor],
         pixel_values: torch.FloatTensor | None,
         image_grid_thw: torch.LongTensor | None,
         image_keep_mask: torch.BoolTensor | None,
     ) -> tuple[int, int] | None:
-        """`(length of the prompt prefix all rows share, images per row)` when every row holds the same images and
-        all its `<image>` tokens lie in that prefix, with at least one token of its own after it; else None."""
-        batch_size = input_ids.shape[0]
+        """`(length of the prompt prefix all `rows` (unpadded prompts) share, images per row)` when every row holds the
+        same images and all its `<image>` tokens lie in that prefix, with at least one token of its own after it;
+        else None."""
+        batch_size = len(rows)
         if self.config.is_lite or pixel_values is None or batch_size < 2 or len(image_grid_thw) % batch_size:
             return None
         images_per_row = len(image_grid_thw) // batch_size
@@ -1107,7 +1108,6 @@ class PixelReferForConditionalGeneration(PixelReferPreTrainedModel, GenerationMi
             keep = image_keep_mask.view(batch_size, -1)
             if not bool((keep == keep[:1]).all()):
                 return None
-        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
         shortest = min(len(ids) for ids in rows)
         agree = torch.stack([ids[:shortest] for ids in rows]).eq(rows[0][:shortest]).all(dim=0)
         prefix_length = int(agree.long().cumprod(0).sum())

@@ -300,7 +300,7 @@ class RegionQAPipeline(Pipeline):
         good = [item for item in prepared if "error" not in item]
         if not good:
             return []
-        if self.model.config.is_lite:
+        if self.model.config.is_lite or len(good) == 1:
             return [(good, False)]
         groups: dict[tuple, list[dict]] = {}
         for item in good:
