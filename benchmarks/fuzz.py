@@ -22,23 +22,10 @@ from bench_utils import add_run_arguments, markdown_table, parse_run_arguments, 
 from PIL import Image
 
 from pixelrefer_hf import RegionQAPipeline
-from pixelrefer_hf.testing import tiny_model_and_processor
+from pixelrefer_hf.testing import HOSTILE_TEXT_PIECES, tiny_model_and_processor
 
 HEIGHT, WIDTH = 24, 30
 OUTCOMES = ("answered", "clear ValueError", "ValueError not naming the sample", "other exception", "batch mismatch")
-SPECIAL = [
-    "<region>",
-    "<image>",
-    "<video>",
-    "<REGION>",
-    "<|im_end|>",
-    "<|im_start|>",
-    "\n",
-    "é",
-    "🙂",
-    "\x00",
-    "\ud800",
-]
 WORDS = ["What", "is", "the", "colour of", "and", "?", " ", "left of", "Ω", "\t"]
 MASK_DTYPES = [np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.uint16, np.float16, np.float32, np.float64]
 PIL_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "F", "CMYK", "YCbCr"]
@@ -156,7 +143,7 @@ def random_text(rng: np.random.Generator, num_regions: int, tag: str) -> str:
     for k in range(int(rng.integers(0, 8)) + placeholders):
         if k < placeholders:
             pieces.append("<region>")
-        pieces.append(pick(rng, WORDS) if rng.random() < 0.95 else pick(rng, SPECIAL))
+        pieces.append(pick(rng, WORDS) if rng.random() < 0.95 else pick(rng, HOSTILE_TEXT_PIECES))
     rng.shuffle(pieces[1:] if pieces and pieces[0].startswith("<") else pieces)
     return "".join(pieces)
 

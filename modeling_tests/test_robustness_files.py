@@ -46,6 +46,14 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def with_image_processor_options(processor: PixelReferProcessor, **options) -> PixelReferProcessor:
+    """`processor` with some image processor options changed (e.g. tighter resource bounds)."""
+    image_processor = PixelReferImageProcessor(**{**processor.image_processor.to_dict(), **options})
+    return PixelReferProcessor(
+        image_processor=image_processor, tokenizer=processor.tokenizer, chat_template=processor.chat_template
+    )
+
+
 def load_outcome(path: Path):
     try:
         return load_image(str(path), "image")
@@ -118,12 +126,7 @@ def test_pipeline_names_the_item_of_a_bad_file_and_answers_the_others(model_and_
     assert results[2]["error"].startswith("item 2: image: cannot read image") and "bomb" in results[2]["error"]
 
     # The image processor's pixel bound is applied to files too.
-    limits = {**processor.image_processor.to_dict(), "max_image_pixels": 100}
-    bounded = PixelReferProcessor(
-        image_processor=PixelReferImageProcessor(**limits),
-        tokenizer=processor.tokenizer,
-        chat_template=processor.chat_template,
-    )
+    bounded = with_image_processor_options(processor, max_image_pixels=100)
     pipe = RegionQAPipeline(model=model, processor=bounded, task="region-qa", max_new_tokens=2)
     with pytest.raises(ValueError, match="item 0: image: image .* is 20x28 = 560 pixels, more than max_image_pixels"):
         pipe([item])
@@ -322,12 +325,7 @@ def test_command_line_mask_that_is_a_decompression_bomb_is_a_clear_error(tmp_pat
 
 def test_pipeline_refuses_too_many_frames_before_converting_them(model_and_processor, tmp_path, mp4_bytes):
     model, processor = model_and_processor
-    limits = {**processor.image_processor.to_dict(), "max_video_frames": 3}
-    bounded = PixelReferProcessor(
-        image_processor=PixelReferImageProcessor(**limits),
-        tokenizer=processor.tokenizer,
-        chat_template=processor.chat_template,
-    )
+    bounded = with_image_processor_options(processor, max_video_frames=3)
     pipe = RegionQAPipeline(model=model, processor=bounded, task="region-qa", max_new_tokens=2)
     frames = [IMAGE] * 4
     with pytest.raises(ValueError, match="item 0: the video has 4 frames, more than max_video_frames=3"):

@@ -15,7 +15,7 @@ from PIL import Image
 from property_settings import fixed
 
 from pixelrefer_hf import RegionQAPipeline
-from pixelrefer_hf.testing import tiny_model_and_processor
+from pixelrefer_hf.testing import HOSTILE_TEXT_PIECES, tiny_model_and_processor
 
 HEIGHT, WIDTH = 24, 30
 
@@ -159,20 +159,7 @@ images = st.one_of(
     st.none(),
     st.text(max_size=3),
 )
-SPECIAL = [
-    "<region>",
-    "<image>",
-    "<video>",
-    "<REGION>",
-    "<|im_end|>",
-    "<|im_start|>",
-    "\n",
-    "é",
-    "🙂",
-    "\x00",
-    "\ud800",
-]
-texts = st.lists(st.one_of(st.sampled_from(SPECIAL), st.text(max_size=6)), max_size=12).map("".join)
+texts = st.lists(st.one_of(st.sampled_from(HOSTILE_TEXT_PIECES), st.text(max_size=6)), max_size=12).map("".join)
 
 
 def call_outcome(function, *args, **kwargs):

@@ -35,6 +35,11 @@ TINY_TEXT_CONFIG = {
     "initializer_range": 0.2,
 }
 TINY_DEFAULTS = {"num_object_tokens": 8, "oci_num_heads": 2}
+# Pieces of text that hostile prompts are made of (the fuzzer and the property tests draw from them): the
+# placeholders and tokens the processor writes itself, chat markers, control and non-ASCII characters, a lone
+# surrogate.
+HOSTILE_TEXT_PIECES = ["<region>", "<image>", "<video>", "<REGION>", "<|im_end|>", "<|im_start|>", "\n", "é", "🙂"]
+HOSTILE_TEXT_PIECES += ["\x00", "\ud800"]
 # Preprocessing of the tiny models (the rest of the image processor's options keep their released defaults).
 TINY_IMAGE_PROCESSOR_OPTIONS = {"max_visual_tokens": 1024}
 
