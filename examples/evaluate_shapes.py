@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import pipeline
 
-from pixelrefer_hf.demo import DEMO_CHECKPOINTS, demo_checkpoint, replace_card_results
+from pixelrefer_hf.demo import DEMO_CHECKPOINTS, demo_checkpoint, replace_card_results, target_report
 from pixelrefer_hf.synthetic import accuracy_table, score_shapes_answers, shapes_questions
 
 
@@ -68,11 +68,13 @@ def main() -> None:
 
     print()
     print(accuracy_table(results))
+    for name, result in results.items():
+        print(f"{name}: {target_report(result)}")
     if args.update_cards:
         for name, path in models:
             card_path = Path(path, "README.md")
             table = accuracy_table({name: results[name]})
-            note = f"{args.num_per_kind} questions per kind, scene seed {args.seed}."
+            note = f"{args.num_per_kind} questions per kind, scene seed {args.seed}. {target_report(results[name])}"
             card_path.write_text(replace_card_results(card_path.read_text(), f"{table}\n\n{note}"))
             print(f"updated {card_path}")
     if args.json:

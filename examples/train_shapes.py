@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
@@ -62,7 +63,24 @@ class ShapesArguments:
         default=None, metadata={"help": "Synthetic conversations to draw (default: enough for every step once)."}
     )
     scene_seed: int = field(default=0, metadata={"help": "Seed of the training scenes."})
-    video_fraction: float = field(default=0.25, metadata={"help": "Share of video scenes among the rows."})
+    video_fraction: float = field(default=0.4, metadata={"help": "Share of video scenes among the rows."})
+    max_questions_per_row: int = field(
+        default=8, metadata={"help": "Turns per conversation: at most this many (one scene encoding serves them all)."}
+    )
+    min_questions_per_row: int = field(
+        default=4, metadata={"help": "Turns per conversation: at least this many (fewer when a scene has fewer)."}
+    )
+    video_shapes: str = field(
+        default="3,6", metadata={"help": "Fewest and most moving shapes of a training video (held-out videos: 2 to 4)."}
+    )
+    larger_weight: float = field(
+        default=3.0,
+        metadata={
+            "help": "How much more often a still scene's turn asks the pair question `larger` than each single-region "
+            "kind (1 asks every kind alike)."
+        },
+    )
+    max_pairs: int = field(default=6, metadata={"help": "Pairs per still scene the `larger` turns draw from."})
     max_minutes: float | None = field(
         default=None, metadata={"help": "Stop (and save) once training has run this long, whatever the step."}
     )
@@ -77,6 +95,14 @@ class ShapesArguments:
         metadata={
             "help": "Stage 2 also trains the tower, SAOT and OCI (default: frozen after stage 1, as the "
             "released recipe freezes the tower)."
+        },
+    )
+    perception_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Skip stage 1: take the tower, SAOT and OCI weights from this checkpoint folder (one trained by "
+            "this script with the same variant and stage-1 settings, e.g. a bundled demo checkpoint, whose stage 2 "
+            "left them frozen); everything else starts random."
         },
     )
     position_init_std: float = field(
@@ -164,6 +190,27 @@ def object_perception_warmup(model, processor, steps: int, batch_size: int, lear
     return losses
 
 
+PERCEPTION_PREFIXES = ("model.vision_model.", "model.object_tokenizer.", "model.object_infusion.")
+
+
+def load_perception_weights(model, folder: str) -> None:
+    """Copy the stage-1 modules (tower, SAOT, OCI) from the `model.safetensors` of `folder` into `model`; every one
+    of their weights must be there with the same shape (a checkpoint of another variant or size is refused)."""
+    path = Path(folder, "model.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"--perception_from {folder}: no model.safetensors there")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(PERCEPTION_PREFIXES)}
+    loaded = {k: v for k, v in load_file(path).items() if k.startswith(PERCEPTION_PREFIXES)}
+    missing, unexpected = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
+    wrong_shape = [k for k in set(own) & set(loaded) if own[k].shape != loaded[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"--perception_from {folder}: not this model's stage-1 modules (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, other shapes {wrong_shape[:3]})"
+        )
+    model.load_state_dict(loaded, strict=False)
+
+
 class TimeBudget(TrainerCallback):
     """Stop training once `max_minutes` have passed (checked after every step)."""
 
@@ -196,9 +243,12 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
 
-    # Stage 1: object perception (tower, SAOT, OCI) with a direct read-out.
+    # Stage 1: object perception (tower, SAOT, OCI) with a direct read-out, or its result taken from a checkpoint.
     perception_losses = []
-    if shapes_args.perception_steps:
+    perception_trained = bool(shapes_args.perception_from or shapes_args.perception_steps)
+    if shapes_args.perception_from:
+        load_perception_weights(model, shapes_args.perception_from)
+    elif shapes_args.perception_steps:
         perception_losses = object_perception_warmup(
             model,
             processor,
@@ -207,6 +257,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
             shapes_args.perception_learning_rate,
             training_args.seed,
         )
+    if perception_trained:
         if not shapes_args.train_perception_in_sft:
             # Stage 2 then teaches the LLM (and PixelRefer's global projector) to read the tokens stage 1 shaped;
             # left trainable, the random LLM's early gradients wash those features out again.
@@ -217,7 +268,14 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
     # Data: one pass over freshly drawn scenes (no row is seen twice).
     num_rows = shapes_args.num_train_rows or training_args.max_steps * training_args.per_device_train_batch_size
     train_dataset = shapes_region_chat_dataset(
-        num_rows, seed=shapes_args.scene_seed, video_fraction=shapes_args.video_fraction
+        num_rows,
+        seed=shapes_args.scene_seed,
+        video_fraction=shapes_args.video_fraction,
+        max_questions_per_row=shapes_args.max_questions_per_row,
+        min_questions_per_row=shapes_args.min_questions_per_row,
+        video_shapes=tuple(int(n) for n in shapes_args.video_shapes.split(",")),
+        kind_weights={"larger": shapes_args.larger_weight},
+        max_pairs=shapes_args.max_pairs,
     )
     collator = PixelReferDataCollator(processor)
 
@@ -245,13 +303,18 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "steps": trainer.state.global_step,
         "rows": len(train_dataset),
         "video_fraction": shapes_args.video_fraction,
+        "questions_per_row": [shapes_args.min_questions_per_row, shapes_args.max_questions_per_row],
+        "video_shapes": shapes_args.video_shapes,
+        "larger_weight": shapes_args.larger_weight,
+        "max_pairs": shapes_args.max_pairs,
         "batch_size": training_args.per_device_train_batch_size,
         "learning_rate": training_args.learning_rate,
         "torch_threads": torch.get_num_threads(),
         "minutes_total": round(minutes, 1),
         "train_runtime_minutes": round(result.metrics["train_runtime"] / 60, 1),
-        "perception_steps": shapes_args.perception_steps,
-        "perception_frozen_in_sft": bool(shapes_args.perception_steps and not shapes_args.train_perception_in_sft),
+        "perception_steps": 0 if shapes_args.perception_from else shapes_args.perception_steps,
+        "perception_from": shapes_args.perception_from,
+        "perception_frozen_in_sft": perception_trained and not shapes_args.train_perception_in_sft,
         "perception_loss_first_last": [
             round(float(np.mean(part)), 3) for part in (perception_losses[:10], perception_losses[-10:])
         ]
@@ -270,12 +333,12 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
 def default_training_arguments() -> dict:
     """Settings of the bundled demo checkpoints (about 25 minutes per variant on one CPU core)."""
     return {
-        "max_steps": 450,
-        "per_device_train_batch_size": 8,
+        "max_steps": 800,
+        "per_device_train_batch_size": 4,
         "learning_rate": 1e-3,
         "weight_decay": 0.01,
         "lr_scheduler_type": "cosine",
-        "warmup_steps": 30,
+        "warmup_steps": 40,
         "max_grad_norm": 1.0,
         "logging_steps": 10,
         "save_strategy": "no",

@@ -263,12 +263,13 @@ def _larger_pairs(objects: list[ShapeObject]) -> list[tuple[int, int]]:
 
 
 def scene_questions(
-    scene: ShapeScene, rng: np.random.Generator, kinds: tuple[str, ...] | None = None
+    scene: ShapeScene, rng: np.random.Generator, kinds: tuple[str, ...] | None = None, max_pairs: int = 3
 ) -> list[ShapeQuestion]:
     """Every question of the given kinds that the scene can answer, in a seeded order.
 
-    Still scenes: `what`, `color` and `shape` about every shape and `larger` about up to 3 pairs drawn from both
-    orders of every eligible pair (so "yes" and "no" are equally likely). Video scenes: `direction` about every shape.
+    Still scenes: `what`, `color` and `shape` about every shape and `larger` about up to `max_pairs` pairs drawn from
+    both orders of every eligible pair (so "yes" and "no" are equally likely). Video scenes: `direction` about every
+    shape.
     """
     if kinds is None:
         kinds = ("direction",) if scene.is_video else ("what", "color", "shape", "larger")
@@ -280,15 +281,15 @@ def scene_questions(
                 questions.append(ShapeQuestion(kind, QUESTIONS[kind], answers[kind], [index], obj.size))
     if "larger" in kinds:
         pairs = _larger_pairs(scene.objects)
-        for k in rng.permutation(len(pairs))[:3]:
+        for k in rng.permutation(len(pairs))[:max_pairs]:
             i, j = pairs[k]
             answer = "yes" if scene.objects[i].area > scene.objects[j].area else "no"
             questions.append(ShapeQuestion("larger", QUESTIONS["larger"], answer, [i, j], scene.objects[i].size))
     return [questions[k] for k in rng.permutation(len(questions))]
 
 
-def draw_scene(rng: np.random.Generator, video: bool) -> ShapeScene:
-    return draw_video_scene(rng) if video else draw_image_scene(rng)
+def draw_scene(rng: np.random.Generator, video: bool, video_shapes: tuple[int, int] = (2, 4)) -> ShapeScene:
+    return draw_video_scene(rng, num_shapes=video_shapes) if video else draw_image_scene(rng)
 
 
 def _regions_of(scene: ShapeScene, object_indices: list[int]) -> list:
@@ -298,24 +299,55 @@ def _regions_of(scene: ShapeScene, object_indices: list[int]) -> list:
     return [scene.objects[i].masks[0] for i in object_indices]
 
 
+def _mix_questions(
+    questions: list[ShapeQuestion], rng: np.random.Generator, count: int, kind_weights: dict[str, float]
+) -> list[ShapeQuestion]:
+    """Up to `count` of `questions`, turn by turn: a kind drawn by `kind_weights` among the kinds still left, then the
+    next question of that kind (the input order is already seeded-random)."""
+    left: dict[str, list[ShapeQuestion]] = {}
+    for question in questions:
+        left.setdefault(question.kind, []).append(question)
+    chosen = []
+    while len(chosen) < count and left:
+        kinds = list(left)
+        weights = np.array([kind_weights.get(kind, 1.0) for kind in kinds], dtype=np.float64)
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        chosen.append(left[kind].pop(0))
+        if not left[kind]:
+            del left[kind]
+    return chosen
+
+
 def shapes_region_chat_dataset(
     num_rows: int,
     seed: int = 0,
     video_fraction: float = 0.25,
     max_questions_per_row: int = 4,
     decode_images: bool = False,
+    kind_weights: dict[str, float] | None = None,
+    max_pairs: int = 3,
+    min_questions_per_row: int = 1,
+    video_shapes: tuple[int, int] = (2, 4),
 ):
     """Training conversations about synthetic scenes, in the region-chat schema of `pixelrefer_hf.data`.
 
-    Each row is one scene (a video with probability `video_fraction`) and a conversation of 1 to
-    `max_questions_per_row` single-region or pair questions; every turn names its regions again with `<region>`, so
+    Each row is one scene (a video of `video_shapes` moving shapes with probability `video_fraction`) and a
+    conversation of `min_questions_per_row` to `max_questions_per_row` single-region or pair questions (fewer when the
+    scene has fewer); every turn names its regions again with `<region>`, so
     a turn can be learned on its own, exactly as the single-turn questions of [`shapes_questions`] are asked.
+    Without `kind_weights` the turns are a random subset of the scene's questions (so a kind is asked as often as the
+    scene offers it); with them each turn's kind is drawn by weight (`{"larger": 3.0}` asks pair questions about
+    three times as often as a single-region kind), from up to `max_pairs` pairs per still scene.
     """
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(num_rows):
-        scene = draw_scene(rng, video=bool(rng.random() < video_fraction))
-        questions = scene_questions(scene, rng)[: int(rng.integers(1, max_questions_per_row + 1))]
+        scene = draw_scene(rng, video=bool(rng.random() < video_fraction), video_shapes=video_shapes)
+        count = int(rng.integers(min_questions_per_row, max_questions_per_row + 1))
+        if kind_weights is None:
+            questions = scene_questions(scene, rng, max_pairs=max_pairs)[:count]
+        else:
+            questions = _mix_questions(scene_questions(scene, rng, max_pairs=max_pairs), rng, count, kind_weights)
         if not questions:
             continue
         messages, object_indices = [], []
