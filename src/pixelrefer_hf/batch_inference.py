@@ -323,13 +323,13 @@ def _region_chat_dataset(data: Path):
         if isinstance(loaded, datasets.DatasetDict):
             raise ValueError(f"--data {data}: a DatasetDict; give the folder of one split ({', '.join(loaded)})")
         return ray.data.from_huggingface(loaded)
-    parquet = [data] if data.is_file() else sorted(data.rglob("*.parquet"))
-    if not parquet or (data.is_file() and data.suffix != ".parquet"):
-        raise ValueError(
-            f"--data {data}: not a region-chat dataset (parquet files or a `save_to_disk` folder); for an evaluation "
-            "annotation file give --benchmark NAME"
-        )
-    return ray.data.read_parquet([str(path) for path in parquet])
+    return ray.data.read_parquet([str(path) for path in _parquet_files(data)])
+
+
+def _parquet_files(data: Path) -> list[Path]:
+    if data.is_file():
+        return [data] if data.suffix == ".parquet" else []
+    return sorted(data.rglob("*.parquet")) if data.is_dir() else []
 
 
 def run_batch(
@@ -365,6 +365,8 @@ def run_batch(
     import ray
     import ray.data
 
+    from .evaluation.runner import repair_tail
+
     for name, value in (("num_workers", num_workers), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -375,8 +377,17 @@ def run_batch(
     data_path = Path(data).resolve()
     if not data_path.exists():
         raise ValueError(f"--data {data}: no such file or folder")
+    if benchmark is None and not (_is_save_to_disk_folder(data_path) or _parquet_files(data_path)):
+        raise ValueError(
+            f"--data {data}: not a region-chat dataset (parquet files or a `save_to_disk` folder); for an evaluation "
+            "annotation file give --benchmark NAME"
+        )
     out_path = Path(out)
     previous = _check_summary(out_path, model, str(data_path), benchmark)
+    for path in shard_paths(out_path):
+        if path.suffix == ".jsonl":
+            # A torn last line (a write cut short) is cut off, so that every shard stays valid JSON lines.
+            repair_tail(path)
 
     if not ray.is_initialized():
         ray.init(address=address)
