@@ -90,7 +90,7 @@ def test_region_chat_rows_become_one_item_per_user_turn(dataset):
     assert len(first["item"]["regions"]) == 1 and len(second["item"]["regions"]) == 2
     assert first["reference"] == "red" and second["reference"] is None
     (bad,) = region_chat_items(rows["bad"])
-    assert bad["error"] == "row 'bad': its user turns hold 2 <region> placeholder(s) but the row has 1 region(s)"
+    assert bad["error"] == "row 'bad': the text has 2 <region> placeholder(s) but 1 region(s) were given"
 
 
 @pytest.fixture(scope="module")

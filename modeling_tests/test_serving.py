@@ -111,6 +111,12 @@ def test_single_requests_answer_like_the_pipeline(url, pipe, image_bytes):
     )
     assert form.status_code == 200, form.text
     assert form.json() == {"answer": expected(pipe, BOXES[1], QUESTIONS[0])}
+    # A JPEG, whose base64 starts like a path ("/9j/"): read as the bytes it is.
+    jpeg = io.BytesIO()
+    Image.open(SHAPES).convert("RGB").save(jpeg, format="JPEG", quality=95)
+    assert base64.b64encode(jpeg.getvalue()).startswith(b"/9j/")
+    jpeg_answer = pipe(image=Image.open(io.BytesIO(jpeg.getvalue())), regions=[BOXES[0]], question=QUESTIONS[0])
+    assert post(url, body(jpeg.getvalue(), BOXES[0], QUESTIONS[0])).json() == {"answer": jpeg_answer["answer"]}
 
 
 def test_streaming_sends_the_answer_as_server_sent_events(url, pipe, image_bytes):

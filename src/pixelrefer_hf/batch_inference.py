@@ -88,6 +88,7 @@ def region_chat_items(row: dict, media_root: str | None = None) -> list[dict]:
     """A region-chat row -> one entry per user turn: `{"id", "question", "reference", "item" | "error"}`, where
     `item` is a region-qa pipeline item and `error` says why the turn cannot be asked."""
     from .data import row_regions
+    from .processing_pixelrefer import check_region_placeholders
 
     ids = row_item_ids(row)
     where = f"row {row.get('id')!r}"
@@ -103,11 +104,8 @@ def region_chat_items(row: dict, media_root: str | None = None) -> list[dict]:
     entries = [{"id": i, "question": q, "reference": r} for i, q, r in zip(ids, questions, references, strict=True)]
     try:
         regions = row_regions(row)
+        check_region_placeholders(where, questions, len(regions))
         wanted = [question.count("<region>") for question in questions]
-        if sum(wanted) != len(regions):
-            raise ValueError(
-                f"its user turns hold {sum(wanted)} <region> placeholder(s) but the row has {len(regions)} region(s)"
-            )
     except ValueError as error:
         message = str(error) if str(error).startswith(where) else f"{where}: {error}"
         return [{**entry, "error": message} for entry in entries]

@@ -98,16 +98,19 @@ def decode_image_field(value: Any) -> bytes:
     if not isinstance(value, str):
         raise RequestError(f"field 'image' must be the image file's bytes, base64-encoded, got {type(value).__name__}")
     text = value.strip()
-    if _DATA_URL.match(text):
+    is_data_url = bool(_DATA_URL.match(text))
+    if is_data_url:
         text = text[text.index(",") + 1 :]
-    elif _PATH_OR_URL.match(text):
-        raise RequestError(
-            "field 'image': server-side paths and URLs are refused; send the image file's bytes (base64 in JSON, or "
-            "a multipart file)"
-        )
     try:
+        # Decoded before the path check: base64 may itself start like a path (a JPEG's is "/9j/..."). Nothing is
+        # ever opened, so text that is both is read as bytes and refused by the image decoder if it is no image.
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
+        if not is_data_url and _PATH_OR_URL.match(text):
+            raise RequestError(
+                "field 'image': server-side paths and URLs are refused; send the image file's bytes (base64 in "
+                "JSON, or a multipart file)"
+            ) from error
         raise RequestError(f"field 'image' is not valid base64 ({error})") from error
     if not data:
         raise RequestError("field 'image' is empty")
