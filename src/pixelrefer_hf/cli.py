@@ -11,6 +11,8 @@
     pixelrefer eval lvis --model path/to/PixelRefer-7B --data lvis_val_1k_category.json --image-root coco --out runs/lvis
     pixelrefer eval-score runs/lvis     # metrics again from the run's predictions, without the model
     pixelrefer eval-compare runs/lvis runs/lvis-lite --chart compare.png
+    pixelrefer serve --model path/to/PixelRefer-7B --replicas 2 --port 8000    # HTTP API on Ray Serve (`serve` extra)
+    pixelrefer batch --model path/to/PixelRefer-7B --data regions.parquet --out runs/answers --num-workers 4  # Ray Data
 
 Regions (`--box`, `--mask`, `--rle`, `--point`) may be repeated; they fill the question's `<region>` placeholders in
 the order they are given. On a video every region is drawn on frame `--frame` of the decoded frames; `--propagate`
@@ -284,6 +286,83 @@ def _convert(argv: list[str]) -> int:
     return 0 if status is None else int(status)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .ray_utils import require_ray
+
+    require_ray("pixelrefer serve", ("ray", "ray.serve", "fastapi"))
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a TCP port is 0-65535")
+    import time
+
+    import ray
+    from ray import serve
+
+    from .ray_utils import cluster_has_gpus
+    from .serving import build_app
+
+    ray.init(address=args.address)
+    num_gpus = args.num_gpus_per_replica
+    if num_gpus is None:
+        num_gpus = 1 if cluster_has_gpus() else 0
+    num_cpus = args.num_cpus_per_replica if args.num_cpus_per_replica is not None else (0 if num_gpus else 1)
+    application = build_app(
+        args.model,
+        replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout=args.batch_wait_timeout,
+        max_new_tokens=args.max_new_tokens,
+        sam_model=args.sam_model,
+        box_to_mask=args.box_to_mask,
+        device=args.device,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name="pixelrefer", route_prefix="/")
+    from .serving import API_PATH
+
+    print(f"Serving {args.model} at http://{args.host}:{args.port}{API_PATH} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Stopping ...", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .ray_utils import require_ray
+
+    require_ray("pixelrefer batch", ("ray", "ray.data"))
+    from .batch_inference import run_batch
+
+    summary = run_batch(
+        args.model,
+        args.data,
+        args.out,
+        benchmark=args.benchmark,
+        image_root=args.image_root,
+        num_workers=args.num_workers,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_cpus_per_worker=args.num_cpus_per_worker,
+        num_gpus_per_worker=args.num_gpus_per_worker,
+        output_format=args.format,
+        limit=args.limit,
+        device=args.device,
+        address=args.address,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{summary['answered_this_run']} item(s) answered by this run; {args.out} holds {summary['records']} "
+        f"record(s), {summary['errors']} with an error"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .media_io import DEFAULT_FPS, DEFAULT_MAX_FRAMES
 
@@ -356,6 +435,66 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     web.add_argument("--concurrency", type=int, default=1, help="requests answered at the same time (default 1)")
     web.set_defaults(handler=_web)
+    serve_parser = commands.add_parser(
+        "serve", help="serve the HTTP JSON API on Ray Serve: replicas, dynamic batching (needs the `serve` extra)"
+    )
+    serve_parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    serve_parser.add_argument("--replicas", type=int, default=1, help="replicas, one model each (default 1)")
+    serve_parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="at most this many requests per generate call (default 8)"
+    )
+    serve_parser.add_argument(
+        "--batch-wait-timeout",
+        type=float,
+        default=0.05,
+        help="seconds a replica waits for more requests once a batch has one (default 0.05)",
+    )
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve_parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="answer length when a request gives none (default 128)"
+    )
+    serve_parser.add_argument("--sam-model", help="SAM checkpoint (folder or repo id): point regions become masks")
+    serve_parser.add_argument("--box-to-mask", choices=["box", "sam"], default="box", help="as for `ask`")
+    serve_parser.add_argument("--device", help="torch device of each replica (default: its GPU if any, else cpu)")
+    serve_parser.add_argument(
+        "--num-gpus-per-replica", type=float, help="GPUs per replica (default 1 when the cluster has GPUs, else 0)"
+    )
+    serve_parser.add_argument(
+        "--num-cpus-per-replica", type=float, help="CPUs per replica (default 1 without GPUs, 0 with)"
+    )
+    serve_parser.add_argument(
+        "--address", help="Ray cluster to join (e.g. auto after `ray start --head`; default: RAY_ADDRESS or a new one)"
+    )
+    serve_parser.set_defaults(handler=_serve)
+
+    batch = commands.add_parser(
+        "batch", help="answer a dataset or annotation file with Ray Data actors, resumable (needs the `serve` extra)"
+    )
+    batch.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    batch.add_argument(
+        "--data",
+        required=True,
+        help="region-chat dataset (parquet file or folder, or a save_to_disk folder), or with --benchmark an "
+        "evaluation annotation file",
+    )
+    batch.add_argument("--out", required=True, help="folder of the answer shards; a rerun skips finished items")
+    batch.add_argument("--benchmark", help="read --data as this `pixelrefer eval` benchmark's annotation file")
+    batch.add_argument("--image-root", help="folder relative image paths start from (default: the data file's folder)")
+    batch.add_argument("--num-workers", type=int, default=1, help="actors, one model each (default 1)")
+    batch.add_argument("--batch-size", type=int, default=8, help="items per generate call (default 8)")
+    batch.add_argument("--max-new-tokens", type=int, help="answer length (default 128, or the benchmark's)")
+    batch.add_argument(
+        "--num-gpus-per-worker", type=float, help="GPUs per actor (default 1 when the cluster has GPUs, else 0)"
+    )
+    batch.add_argument("--num-cpus-per-worker", type=float, help="CPUs per actor (default 1 without GPUs, 0 with)")
+    batch.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="shard format (default jsonl)")
+    batch.add_argument("--limit", type=int, help="only the first N rows (dataset) or items (annotation file)")
+    batch.add_argument("--device", help="torch device of each actor (default: its GPU if any, else cpu)")
+    batch.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a new local one)")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bars")
+    batch.set_defaults(handler=_batch)
+
     # The evaluation harness (`pixelrefer_hf.evaluation`); its parsers are shared with `python -m
     # pixelrefer_hf.evaluation`, imported here because they are light (the runner loads on use).
     from .evaluation import __main__ as evaluation
