@@ -13,10 +13,11 @@ from transformers import pipeline
 
 
 def make_image() -> tuple[np.ndarray, np.ndarray]:
-    """A grey 160x200 picture with a red disc and a blue square, and the disc's mask."""
+    """A grey 160x200 picture with a red disc (2.2 times the area of the square) and a blue square, and the disc's
+    mask."""
     image = np.full((160, 200, 3), 200, dtype=np.uint8)
     yy, xx = np.mgrid[:160, :200]
-    disc = (yy - 60) ** 2 + (xx - 60) ** 2 <= 30**2
+    disc = (yy - 60) ** 2 + (xx - 60) ** 2 <= 42**2
     image[disc] = (220, 30, 30)
     image[90:140, 120:170] = (30, 30, 220)
     return image, disc

@@ -17,9 +17,13 @@ from transformers import pipeline
 
 from pixelrefer_hf.media_io import read_video
 
+# The synthetic clip: 8 one-second frames (the demo model was trained on 8-frame clips at 1 fps) of a red square
+# moving 6 pixels per frame to the right.
+CLIP_FRAMES, CLIP_STEP = 8, 6
 
-def write_clip(path: str, num_frames: int = 24, fps: int = 8) -> None:
-    """A 3-second clip of a red square moving from left to right over a grey background."""
+
+def write_clip(path: str, num_frames: int = CLIP_FRAMES, fps: int = 1) -> None:
+    """An 8-second clip of a red square moving from left to right over a grey background."""
     import av
 
     with av.open(path, "w") as container:
@@ -27,7 +31,7 @@ def write_clip(path: str, num_frames: int = 24, fps: int = 8) -> None:
         stream.width, stream.height, stream.pix_fmt = 192, 128, "yuv420p"
         for index in range(num_frames):
             frame = np.full((128, 192, 3), 190, dtype=np.uint8)
-            left = 10 + 6 * index
+            left = 10 + CLIP_STEP * index
             frame[40:80, left : left + 40] = (220, 30, 30)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -75,23 +79,26 @@ def main() -> None:
         )
         print("from the file:", result)
 
-        # 2. Decode once, then ask several questions; the object is annotated on the first and the last frame
-        #    (one group of object tokens per annotated frame, each with its time).
+        # 2. Decode once, then ask several questions. For the motion the object is given on several frames (one
+        #    group of object tokens per annotated frame, each with its time): on every frame for the synthetic clip,
+        #    whose motion is known, as the demo model was trained; on the first and last frame with --last-box.
         video = read_video(path, fps=args.fps, max_frames=args.max_frames)
         print(f"decoded {len(video.frames)} frames at {[round(t, 2) for t in video.timestamps]} s")
         last = len(video.frames) - 1
         if args.last_box:
-            last_box = [float(v) for v in args.last_box.split(",")]
+            track = {0: box, last: [float(v) for v in args.last_box.split(",")]}
         elif args.video is None:
-            # The synthetic square moves 48 pixels per second to the right.
-            shift = 48 * video.timestamps[last]
-            last_box = [box[0] + shift, box[1], box[2] + shift, box[3]]
+            shift_per_second = CLIP_STEP
+            track = {
+                t: [box[0] + shift_per_second * seconds, box[1], box[2] + shift_per_second * seconds, box[3]]
+                for t, seconds in enumerate(video.timestamps)
+            }
         else:
-            last_box = box
+            track = {0: box}
         common = {"video": video.frames, "video_timestamps": video.timestamps}
         items = [
             {**common, "regions": [{0: box}], "question": "What color is <region>?"},
-            {**common, "regions": [{0: box, last: last_box}], "question": "Which way does <region> move?"},
+            {**common, "regions": [track], "question": "Which way does <region> move?"},
         ]
         for item, answer in zip(items, pipe(items, batch_size=2, **options), strict=True):
             print(f"{item['question']!r} -> {answer}")

@@ -14,8 +14,15 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 import pixelrefer_hf
 from pixelrefer_hf import cli
-from pixelrefer_hf.demo import CARD_RESULTS_BEGIN, DEMO_CHECKPOINTS, demo_checkpoint, replace_card_results
-from pixelrefer_hf.synthetic import score_shapes_answers, shapes_questions
+from pixelrefer_hf.demo import (
+    CARD_RESULTS_BEGIN,
+    DEMO_CHECKPOINTS,
+    DEMO_TARGETS,
+    demo_checkpoint,
+    replace_card_results,
+    target_report,
+)
+from pixelrefer_hf.synthetic import normalize_answer, score_shapes_answers, shapes_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(pixelrefer_hf.__file__).parent
@@ -49,28 +56,43 @@ def test_checkpoint_folder_ships_safe_small_weights_and_card_and_no_code(variant
         assert "auto_map" not in (folder / name).read_text(), name
 
 
-def test_demo_checkpoints_answer_held_out_questions(demo_pipeline):
-    """What / colour / shape questions: at least 90% together and 80% each on 45 held-out questions (README, seed
-    1000: 87-100% per kind). The pair (`larger`) and video (`direction`) questions are asked too but not held to a
-    bar: both checkpoints answer them near chance (README); this test prints their scores."""
+# Answer sets of the kinds whose answers are not object names: a wrong answer is still one of these.
+ANSWER_SETS = {"larger": {"yes", "no"}, "direction": {"left", "right", "up", "down"}}
+# Where the bundled checkpoints fall short of `DEMO_TARGETS` (README, "Demo checkpoints": `what` 87-88%, the pair and
+# video questions near chance), the level each is held to instead; None holds only the answer format. Every other
+# target is asserted as it is. Drop an entry once a retrained checkpoint meets its target.
+SHORTFALLS = {"what": 0.85, "larger": None, "direction": None}
+
+
+@pytest.fixture(scope="module")
+def held_out_questions():
+    """30 held-out questions of every kind (scenes of the test seed), as the README's table asks them."""
+    return shapes_questions(TEST_SEED, num_per_kind=30)
+
+
+def test_demo_checkpoints_meet_their_targets_on_held_out_questions(demo_pipeline, held_out_questions):
+    """Every question kind, and the what / colour / shape questions about objects under 16 px, at its target
+    (`DEMO_TARGETS`: 95% colour / shape, 90% under 16 px, ...) on 30 questions per kind, or at its `SHORTFALLS`
+    level where the checkpoints are known to miss it."""
     variant, pipe = demo_pipeline
-    items = shapes_questions(TEST_SEED, num_per_kind=15, kinds=("what", "color", "shape"))
-    items += shapes_questions(TEST_SEED, num_per_kind=5, kinds=("larger", "direction"))
-    outputs = pipe([item.inputs for item in items], batch_size=28, max_new_tokens=6, do_sample=False)
-    scores = score_shapes_answers(items, [output["answer"] for output in outputs])
-    kinds = scores["kinds"]
-    print(variant, {kind: round(entry["accuracy"], 2) for kind, entry in kinds.items()})
-    single = [kinds[kind] for kind in ("what", "color", "shape")]
-    assert sum(e["correct"] for e in single) / sum(e["total"] for e in single) >= 0.9, (variant, kinds, scores["wrong"])
-    for kind in ("what", "color", "shape"):
-        assert kinds[kind]["accuracy"] >= 0.8, (variant, kind, scores["wrong"])
-    # Answers to the other kinds still come from their answer sets (the format is learned even where the content
-    # is not).
-    for item, output in zip(items, outputs):
-        if item.question.kind == "larger":
-            assert output["answer"].strip() in ("yes", "no"), output
-        if item.question.kind == "direction":
-            assert output["answer"].strip() in ("left", "right", "up", "down"), output
+    items = held_out_questions
+    outputs = pipe([item.inputs for item in items], batch_size=32, max_new_tokens=6, do_sample=False)
+    answers = [output["answer"] for output in outputs]
+    scores = score_shapes_answers(items, answers)
+    measured = {name: (scores["kinds"] | scores["sizes"])[name] for name in DEMO_TARGETS}
+    print(variant, {name: f"{entry['correct']}/{entry['total']}" for name, entry in measured.items()})
+    assert measured["<16px"]["total"] >= 20, measured  # enough tiny objects for the size target to mean something
+    bars = {name: SHORTFALLS.get(name, target) for name, target in DEMO_TARGETS.items()}
+    missed = {
+        name: f"{entry['correct']}/{entry['total']} (bar {bars[name]:.0%})"
+        for name, entry in measured.items()
+        if bars[name] is not None and entry["accuracy"] < bars[name]
+    }
+    assert not missed, (variant, missed, scores["wrong"])
+    # A wrong answer still comes from its kind's answer set.
+    for item, answer in zip(items, answers):
+        if item.question.kind in ANSWER_SETS:
+            assert normalize_answer(answer) in ANSWER_SETS[item.question.kind], (item.question.kind, answer)
 
 
 def test_readme_main_command_answers_with_the_demo_checkpoint(capsys):
@@ -183,3 +205,15 @@ def test_card_results_are_replaced_between_markers_and_bad_names_are_refused():
         replace_card_results("# a card without markers", "| table |")
     with pytest.raises(ValueError, match="variant must be one of"):
         demo_checkpoint("pixelrefer-xl")
+
+
+def test_target_report_names_every_missed_target_with_its_number():
+    def entry(correct: int, total: int) -> dict:
+        return {"correct": correct, "total": total, "accuracy": correct / total}
+
+    kinds = {"what": entry(96, 100), "color": entry(100, 100), "shape": entry(94, 100), "larger": entry(90, 100)}
+    report = target_report({"kinds": kinds | {"direction": entry(50, 100)}, "sizes": {"<16px": entry(9, 10)}})
+    assert report.startswith("Meets its targets on what (target 95%), color (target 95%), larger (target 90%)")
+    assert "<16px (target 90%)" in report.split(" Misses ")[0]
+    assert "shape: 94.0% against a target of 95%" in report and "direction: 50.0% against a target of 90%" in report
+    assert "Misses" not in target_report({"kinds": {"what": entry(1, 1)}, "sizes": {}})

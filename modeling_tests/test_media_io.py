@@ -117,3 +117,41 @@ def test_load_image_names_the_file_and_refuses_large_headers(tmp_path):
         load_image(tmp_path / "big.png", "image", max_pixels=1000)
     payload = (tmp_path / "big.png").read_bytes()
     assert load_image({"bytes": payload, "path": None}, "image").shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize("variant", ["pixelrefer", "pixelrefer-lite"])
+def test_a_tracked_video_region_reaches_the_model_alike_in_frame_order(variant):
+    """A region given on every frame of a synthetic clip (as the demo checkpoints are trained and asked): the training
+    collator and the pipeline give the same prompt (`[Time t:<REGION>...,...]`, frame by frame), the same crops and
+    the same boxes, and the boxes follow the motion in frame order."""
+    from transformers import pipeline
+
+    from pixelrefer_hf.data import build_region_chat_dataset, make_region_chat_row
+    from pixelrefer_hf.demo import demo_checkpoint
+    from pixelrefer_hf.synthetic import DIRECTIONS, QUESTIONS, draw_video_scene
+
+    demo = pipeline("region-qa", model=demo_checkpoint(variant), trust_remote_code=True)
+    scene = draw_video_scene(np.random.default_rng(3))
+    frames = [Image.fromarray(frame) for frame in scene.frames]
+    for obj in scene.objects:
+        region = dict(enumerate(obj.masks))
+        messages = [
+            {"role": "user", "content": QUESTIONS["direction"]},
+            {"role": "assistant", "content": obj.direction},
+        ]
+        row = make_region_chat_row(messages, frames=frames, timestamps=scene.timestamps, regions=[region], id="clip")
+        batch = PixelReferDataCollator(demo.processor)([build_region_chat_dataset([row])[0]])
+        item = {"video": frames, "video_timestamps": scene.timestamps, "regions": [region]}
+        inputs = pipeline_inputs(demo, {**item, "question": QUESTIONS["direction"]})
+        prompt_length = inputs["input_ids"].shape[1]
+        # The training row is the prompt followed by its answer.
+        assert torch.equal(batch["input_ids"][0, :prompt_length], inputs["input_ids"][0])
+        for key in ("region_pixel_values", "region_grid_thw", "region_patch_masks", "region_boxes"):
+            assert torch.equal(batch[key], inputs[key]), key
+        text = demo.processor.tokenizer.decode(inputs["input_ids"][0])
+        assert [f"Time {t:.1f}:" in text for t in scene.timestamps] == [True] * len(scene.timestamps)
+        # Boxes (top, left, bottom, right), one per frame in order, move the way the shape does.
+        d_row, d_col = DIRECTIONS[obj.direction]
+        edge = inputs["region_boxes"][:, 0] if d_row else inputs["region_boxes"][:, 1]
+        steps = torch.diff(edge) * (d_row or d_col)
+        assert len(edge) == len(scene.frames) and bool((steps >= 0).all()) and float(steps.sum()) > 0, edge

@@ -358,11 +358,14 @@ def shapes_region_chat_dataset(
     rows, questions_by_row = [], {}
     for index in range(num_rows):
         scene = draw_scene(rng, video=bool(rng.random() < video_fraction), video_shapes=video_shapes)
+        # Drawn in this order (questions, then their count) so that the default rows stay those the bundled demo
+        # checkpoints were trained on.
+        candidates = scene_questions(scene, rng, max_pairs=max_pairs)
         count = int(rng.integers(min_questions_per_row, max_questions_per_row + 1))
         if kind_weights is None:
-            questions = scene_questions(scene, rng, max_pairs=max_pairs)[:count]
+            questions = candidates[:count]
         else:
-            questions = _mix_questions(scene_questions(scene, rng, max_pairs=max_pairs), rng, count, kind_weights)
+            questions = _mix_questions(candidates, rng, count, kind_weights)
         if not questions:
             continue
         messages, object_indices = [], []
