@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ def bench(monkeypatch):
         return importlib.import_module(name)
 
     yield load
-    for name in [name for name in sys.modules if name.startswith("bench_")]:
+    for name in [name for name in sys.modules if name.startswith(("bench_", "probe_"))]:
         del sys.modules[name]
 
 
@@ -132,3 +133,21 @@ def test_bench_many_questions_shares_more_as_questions_grow(bench, tmp_path):
         # image (PixelRefer) or the global context image (Lite).
         assert 1.0 <= one["ratio"] < 1.05 and two["ratio"] > 1.2
     assert by_key[("pixelrefer", 1)]["image_tokens"] > 0 and by_key[("pixelrefer-lite", 1)]["image_tokens"] == 0
+
+
+def test_probes_find_what_the_tokens_carry_and_nothing_more(bench):
+    """The probe helpers of `probe_region_tokens.py`: a target that is a linear function of the features scores near
+    1, one independent of them near 0 (chance); `<REGION>` runs are split per region and miscounts are refused."""
+    probes = bench("probe_region_tokens")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 12))
+    carried = features[:, :2] @ np.array([[1.0], [-2.0]])
+    assert probes.probe_regression(features, carried) > 0.95
+    assert probes.probe_regression(features, rng.normal(size=(300, 1))) < 0.1
+    labels = (features[:, 3] > 0).astype(int)
+    assert probes.probe_classification(features, labels) > 0.9
+    assert probes.probe_classification(features, rng.integers(0, 4, size=300)) < 0.45
+    positions = torch.tensor([3, 4, 5, 9, 10, 20])
+    assert probes._runs(positions, 3) == [3, 2, 1]
+    with pytest.raises(RuntimeError, match="expected 2 runs"):
+        probes._runs(positions, 2)

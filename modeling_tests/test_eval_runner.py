@@ -179,7 +179,7 @@ def test_a_mask_that_does_not_decode_is_an_error_record_with_skip_bad_items(lvis
 
 def test_a_run_folder_of_another_benchmark_is_refused(full_run, tmp_path):
     data = write_videorefer_q_set(tmp_path, seed=1, num_videos=1)
-    with pytest.raises(ValueError, match=r"holds a run of 'lvis'.*use another --out"):
+    with pytest.raises(ValueError, match=r"holds a run of benchmark 'lvis'.*use another --out"):
         run_eval("videorefer-q", options(data, full_run[0]))
 
 

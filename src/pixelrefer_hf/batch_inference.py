@@ -283,24 +283,6 @@ def read_output_records(out: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _check_summary(out: Path, model: str, data: str, benchmark: str | None) -> dict[str, Any] | None:
-    path = out / SUMMARY_FILE
-    if not path.exists():
-        return None
-    try:
-        previous = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON ({error.msg}); remove it or use another --out") from error
-    current = {"model": model, "data": data, "benchmark": benchmark}
-    for key, value in current.items():
-        if previous.get(key) != value:
-            raise ValueError(
-                f"{out} holds answers of model {previous.get('model')!r} on {previous.get('data')!r} (benchmark "
-                f"{previous.get('benchmark')!r}); its {key} differs from this job's ({value!r}): use another --out"
-            )
-    return previous
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,7 +345,7 @@ def run_batch(
     import ray
     import ray.data
 
-    from .evaluation.runner import repair_tail
+    from .evaluation.runner import read_matching_record, repair_tail
 
     for name, value in (("num_workers", num_workers), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -381,7 +363,8 @@ def run_batch(
             "annotation file give --benchmark NAME"
         )
     out_path = Path(out)
-    previous = _check_summary(out_path, model, str(data_path), benchmark)
+    expected = {"model": model, "data": str(data_path), "benchmark": benchmark}
+    previous = read_matching_record(out_path / SUMMARY_FILE, expected, out_path)
     for path in shard_paths(out_path):
         if path.suffix == ".jsonl":
             # A torn last line (a write cut short) is cut off, so that every shard stays valid JSON lines.

@@ -340,25 +340,31 @@ def _load_pipeline(options: EvalOptions, device):
     return RegionQAPipeline(model=model, processor=processor, task="region-qa", device=device)
 
 
-def previous_run_info(benchmark: Benchmark, options: EvalOptions) -> dict[str, Any] | None:
-    """The run.json already in the run folder (None if there is none); a ValueError when it belongs to a run of
-    another benchmark, model or data file. Every process checks it, so that none waits for a main process that
-    refused the folder."""
-    path = Path(options.out) / RUN_INFO
+def read_matching_record(path: Path, expected: dict[str, Any], folder: str | Path) -> dict[str, Any] | None:
+    """The JSON record of a run folder (`run.json`, a batch job's `batch.json`; None when absent), refused with a
+    ValueError when one of its `expected` fields differs: a folder holds the work of one run, whose rerun resumes it.
+    """
     if not path.exists():
         return None
     try:
         previous = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: malformed JSON ({error.msg}); remove it or use another --out") from error
-    current = {"benchmark": benchmark.name, "model": options.model, "data": str(Path(options.data).resolve())}
-    for key, value in current.items():
+    for key, value in expected.items():
         if previous.get(key) != value:
+            held = ", ".join(f"{name} {previous.get(name)!r}" for name in expected)
             raise ValueError(
-                f"{options.out} holds a run of {previous.get('benchmark')!r} with model {previous.get('model')!r} on "
-                f"{previous.get('data')!r}; its {key} differs from this one's ({value!r}): use another --out"
+                f"{folder} holds a run of {held}; its {key} differs from this one's ({value!r}): use another --out"
             )
     return previous
+
+
+def previous_run_info(benchmark: Benchmark, options: EvalOptions) -> dict[str, Any] | None:
+    """The run.json already in the run folder (None if there is none); a ValueError when it belongs to a run of
+    another benchmark, model or data file. Every process checks it, so that none waits for a main process that
+    refused the folder."""
+    expected = {"benchmark": benchmark.name, "model": options.model, "data": str(Path(options.data).resolve())}
+    return read_matching_record(Path(options.out) / RUN_INFO, expected, options.out)
 
 
 def write_run_info(
