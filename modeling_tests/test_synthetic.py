@@ -18,6 +18,7 @@ from pixelrefer_hf.synthetic import (
     QUESTION_KINDS,
     accuracy_table,
     draw_image_scene,
+    draw_scene,
     draw_video_scene,
     example_scene,
     normalize_answer,
@@ -217,3 +218,35 @@ def test_demo_processor_options_drive_the_processor():
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == 64  # 16 x 16 patches pooled 2 x 2
     # A config saved before the move (with processor fields) still loads, without the stale copies.
     assert not hasattr(PixelReferConfig(object_crop="tile", max_visual_tokens=5), "max_visual_tokens")
+
+
+def test_training_mixture_options_shape_the_conversations():
+    """`kind_weights` asks the weighted kind more often, `min_questions_per_row` / `max_questions_per_row` bound the
+    turns (fewer only when a scene has fewer questions), `video_shapes` sets the moving shapes per video."""
+
+    def larger_share(rows) -> float:
+        answers = [m["content"] for row in rows for m in row["messages"] if m["role"] == "assistant"]
+        return sum(answer in ("yes", "no") for answer in answers) / len(answers)
+
+    plain = shapes_region_chat_dataset(40, seed=3, video_fraction=0.0).to_list()
+    weighted, questions = shapes_region_chat_dataset(
+        40,
+        seed=3,
+        video_fraction=0.0,
+        kind_weights={"larger": 20.0},
+        max_pairs=6,
+        min_questions_per_row=4,
+        max_questions_per_row=6,
+        return_questions=True,
+    )
+    weighted = weighted.to_list()
+    assert larger_share(weighted) > 0.5 > larger_share(plain)
+    for row in weighted:
+        turns = questions[row["id"]]
+        assert 1 <= len(turns) <= 6 and len(turns) == sum(m["role"] == "user" for m in row["messages"])
+        assert all(len(q.geometry) == 2 for q in turns if q.kind == "larger")
+    assert sum(len(questions[row["id"]]) >= 4 for row in weighted) >= 35
+    videos = shapes_region_chat_dataset(6, seed=4, video_fraction=1.0, video_shapes=(4, 6), return_questions=True)[1]
+    for turns in videos.values():
+        assert all(q.kind == "direction" and len(q.geometry) == 4 for q in turns)
+    assert all(len(draw_scene(np.random.default_rng(k), True, video_shapes=(4, 6)).objects) >= 4 for k in range(5))

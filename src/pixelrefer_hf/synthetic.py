@@ -302,6 +302,7 @@ def scene_questions(
 
 
 def draw_scene(rng: np.random.Generator, video: bool, video_shapes: tuple[int, int] = (2, 4)) -> ShapeScene:
+    """A still scene, or a video of `video_shapes[0]..video_shapes[1]` moving shapes (fewer when they do not fit)."""
     return draw_video_scene(rng, num_shapes=video_shapes) if video else draw_image_scene(rng)
 
 
@@ -541,6 +542,7 @@ __all__ = [
     "ShapesEvalItem",
     "accuracy_table",
     "draw_image_scene",
+    "draw_scene",
     "draw_video_scene",
     "example_scene",
     "normalize_answer",
