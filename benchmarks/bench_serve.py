@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from ray import serve
 
-    from pixelrefer_hf.ray_utils import load_region_qa_pipeline
+    from pixelrefer_hf.cli import load_region_qa_pipeline
     from pixelrefer_hf.serving import API_PATH, build_app
 
     image_bytes = SHAPES.read_bytes()

@@ -12,10 +12,10 @@ from ray_cluster import local_cluster
 
 from pixelrefer_hf import cli
 from pixelrefer_hf.batch_inference import read_output_records, region_chat_items, run_batch
+from pixelrefer_hf.cli import load_region_qa_pipeline
 from pixelrefer_hf.data import build_region_chat_dataset, make_region_chat_row
 from pixelrefer_hf.evaluation.runner import pipeline_input
 from pixelrefer_hf.evaluation.shapes import write_category_set
-from pixelrefer_hf.ray_utils import load_region_qa_pipeline
 
 SHAPES = "examples/assets/shapes.png"
 BOXES = [[40, 40, 90, 90], [30, 120, 90, 180], [140, 30, 184, 74], [100, 170, 136, 206], [150, 150, 160, 160]]

@@ -16,7 +16,7 @@ from PIL import Image
 from ray_cluster import free_port, local_cluster
 
 from pixelrefer_hf import cli
-from pixelrefer_hf.ray_utils import load_region_qa_pipeline
+from pixelrefer_hf.cli import load_region_qa_pipeline
 
 SHAPES = "examples/assets/shapes.png"
 # Boxes of examples/assets/shapes.png (README "Run"), and the questions the demo model knows.

@@ -37,7 +37,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from .ray_utils import cluster_has_gpus, require_ray
+from .ray_utils import actor_resources, require_ray
 
 logger = logging.get_logger(__name__)
 
@@ -170,7 +170,7 @@ class RegionQAWorker:
         device: str | None = None,
         dtype: str = "auto",
     ):
-        from .ray_utils import load_region_qa_pipeline
+        from .cli import load_region_qa_pipeline
 
         self.pipe = load_region_qa_pipeline(model, device, dtype)
         self.generate_kwargs = dict(generate_kwargs)
@@ -406,11 +406,7 @@ def run_batch(
             dataset = dataset.filter(_NotFinished(done))
         media_root = image_root or str(data_path if data_path.is_dir() else data_path.parent)
 
-    use_gpus = cluster_has_gpus() if num_gpus_per_worker is None else num_gpus_per_worker > 0
-    resources: dict[str, float] = {}
-    if use_gpus:
-        resources["num_gpus"] = num_gpus_per_worker or 1
-    resources["num_cpus"] = num_cpus_per_worker if num_cpus_per_worker is not None else (0 if use_gpus else 1)
+    resources = actor_resources(num_cpus_per_worker, num_gpus_per_worker)
 
     out_path.mkdir(parents=True, exist_ok=True)
     summary = {

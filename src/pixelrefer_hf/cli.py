@@ -121,6 +121,26 @@ def load_model_and_processor(name: str):
     return model, processor
 
 
+def load_region_qa_pipeline(model: str, device=None, dtype: str = "auto"):
+    """The region-qa pipeline of `model` (a checkpoint folder, repo id, `demo[-lite]` or `tiny-random[-lite]`, as
+    `pixelrefer ask --model` takes) on `device` (a `torch.device` or its name; default: this process's GPU if it has
+    one, else the CPU), in bfloat16 on a GPU and the checkpoint's dtype on the CPU unless `dtype` says otherwise.
+    Used by `pixelrefer eval`, the Serve replicas and the Ray Data workers."""
+    import torch
+
+    from .pipeline_region_qa import RegionQAPipeline
+
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned to this worker, so "cuda" is the worker's own GPU.
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype != "auto" and dtype not in dtypes:
+        raise ValueError(f"dtype must be auto, {', '.join(dtypes)}; got {dtype!r}")
+    loaded, processor = load_model_and_processor(model)
+    chosen = dtypes.get(dtype) or (torch.bfloat16 if device.type == "cuda" else loaded.dtype)
+    loaded = loaded.to(device=device, dtype=chosen).eval()
+    return RegionQAPipeline(model=loaded, processor=processor, task="region-qa", device=device)
+
+
 def _check_model_name(name: str) -> None:
     """A name that can only be a local path (not a hub repo id `org/name`) must be an existing folder."""
     if os.path.isdir(name):
@@ -297,14 +317,11 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from .ray_utils import cluster_has_gpus
+    from .ray_utils import actor_resources
     from .serving import build_app
 
     ray.init(address=args.address)
-    num_gpus = args.num_gpus_per_replica
-    if num_gpus is None:
-        num_gpus = 1 if cluster_has_gpus() else 0
-    num_cpus = args.num_cpus_per_replica if args.num_cpus_per_replica is not None else (0 if num_gpus else 1)
+    resources = actor_resources(args.num_cpus_per_replica, args.num_gpus_per_replica)
     application = build_app(
         args.model,
         replicas=args.replicas,
@@ -314,8 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
         sam_model=args.sam_model,
         box_to_mask=args.box_to_mask,
         device=args.device,
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
+        **resources,
     )
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="pixelrefer", route_prefix="/")

@@ -225,7 +225,7 @@ class RegionQAServer:
     """One replica: a region-qa pipeline, its batch queue and its counters."""
 
     def __init__(self, options: ServeOptions | dict):
-        from .ray_utils import load_region_qa_pipeline
+        from .cli import load_region_qa_pipeline
 
         self.options = ServeOptions(**options) if isinstance(options, dict) else options
         self.pipe = load_region_qa_pipeline(self.options.model, self.options.device, self.options.dtype)

@@ -323,21 +323,12 @@ def _process_state(cpu: bool = False):
 
 
 def _load_pipeline(options: EvalOptions, device):
-    import torch
+    """The pipeline on `--device`, else the CPU with `--cpu`, else this process's accelerate device (CPU without
+    one); dtype auto is bf16 on accelerators, the checkpoint's float32 on the CPU."""
+    from ..cli import load_region_qa_pipeline
 
-    from ..cli import load_model_and_processor
-    from ..pipeline_region_qa import RegionQAPipeline
-
-    model, processor = load_model_and_processor(options.model)
-    if options.device:
-        device = torch.device(options.device)
-    else:
-        device = torch.device("cpu") if options.cpu else torch.device(device or "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(options.dtype)
-    if dtype is None:  # auto: bf16 on accelerators, the checkpoint's float32 on the CPU
-        dtype = torch.bfloat16 if device.type == "cuda" else model.dtype
-    model = model.to(device=device, dtype=dtype).eval()
-    return RegionQAPipeline(model=model, processor=processor, task="region-qa", device=device)
+    device = options.device or ("cpu" if options.cpu else device or "cpu")
+    return load_region_qa_pipeline(options.model, device, options.dtype)
 
 
 def read_matching_record(path: Path, expected: dict[str, Any], folder: str | Path) -> dict[str, Any] | None:
