@@ -103,10 +103,6 @@ class ShapeQuestion:
     answer: str
     object_indices: list[int]  # the scene objects behind the question's `<region>` placeholders, in order
     size: int  # size of the (first) object asked about
-    # What the answer is computed from, for training read-outs (`examples/train_shapes.py`): `larger`: the log-areas
-    # of both objects as fractions of the frame; `direction`: the centre (x, y, frame-normalised) on the first and on
-    # the last frame. Empty for the other kinds.
-    geometry: tuple[float, ...] = ()
 
 
 def shape_mask(shape: str, top: float, left: float, size: int, height: int, width: int) -> np.ndarray:
@@ -277,27 +273,18 @@ def scene_questions(
     """
     if kinds is None:
         kinds = ("direction",) if scene.is_video else ("what", "color", "shape", "larger")
-    height, width = scene.frames[0].shape[:2]
-
-    def centre(mask: np.ndarray) -> tuple[float, float]:
-        rows, cols = np.nonzero(mask)
-        return float(cols.mean() / width), float(rows.mean() / height)
-
     questions = []
     for index, obj in enumerate(scene.objects):
         answers = {"what": obj.name, "color": obj.color, "shape": obj.shape, "direction": obj.direction}
         for kind in ("what", "color", "shape", "direction"):
             if kind in kinds and answers[kind] is not None:
-                geometry = (*centre(obj.masks[0]), *centre(obj.masks[-1])) if kind == "direction" else ()
-                questions.append(ShapeQuestion(kind, QUESTIONS[kind], answers[kind], [index], obj.size, geometry))
+                questions.append(ShapeQuestion(kind, QUESTIONS[kind], answers[kind], [index], obj.size))
     if "larger" in kinds:
         pairs = _larger_pairs(scene.objects)
         for k in rng.permutation(len(pairs))[:max_pairs]:
             i, j = pairs[k]
-            first, second = scene.objects[i], scene.objects[j]
-            answer = "yes" if first.area > second.area else "no"
-            geometry = (math.log(first.area / (height * width)), math.log(second.area / (height * width)))
-            questions.append(ShapeQuestion("larger", QUESTIONS["larger"], answer, [i, j], first.size, geometry))
+            answer = "yes" if scene.objects[i].area > scene.objects[j].area else "no"
+            questions.append(ShapeQuestion("larger", QUESTIONS["larger"], answer, [i, j], scene.objects[i].size))
     return [questions[k] for k in rng.permutation(len(questions))]
 
 
@@ -342,7 +329,6 @@ def shapes_region_chat_dataset(
     max_pairs: int = 3,
     min_questions_per_row: int = 1,
     video_shapes: tuple[int, int] = (2, 4),
-    return_questions: bool = False,
 ):
     """Training conversations about synthetic scenes, in the region-chat schema of `pixelrefer_hf.data`.
 
@@ -353,10 +339,9 @@ def shapes_region_chat_dataset(
     Without `kind_weights` the turns are a random subset of the scene's questions (so a kind is asked as often as the
     scene offers it); with them each turn's kind is drawn by weight (`{"larger": 3.0}` asks pair questions about
     three times as often as a single-region kind), from up to `max_pairs` pairs per still scene.
-    With `return_questions`, also returns `{row id: [ShapeQuestion per turn]}` (the turns' kinds and geometry).
     """
     rng = np.random.default_rng(seed)
-    rows, questions_by_row = [], {}
+    rows = []
     for index in range(num_rows):
         scene = draw_scene(rng, video=bool(rng.random() < video_fraction), video_shapes=video_shapes)
         # Drawn in this order (questions, then their count) so that the default rows stay those the bundled demo
@@ -378,11 +363,12 @@ def shapes_region_chat_dataset(
             media = {"frames": [PILImage.fromarray(f) for f in scene.frames], "timestamps": scene.timestamps}
         else:
             media = {"image": PILImage.fromarray(scene.frames[0])}
-        row_id = f"shapes-{seed}-{index}"
-        rows.append(make_region_chat_row(messages, regions=_regions_of(scene, object_indices), id=row_id, **media))
-        questions_by_row[row_id] = questions
-    dataset = build_region_chat_dataset(rows, decode_images)
-    return (dataset, questions_by_row) if return_questions else dataset
+        rows.append(
+            make_region_chat_row(
+                messages, regions=_regions_of(scene, object_indices), id=f"shapes-{seed}-{index}", **media
+            )
+        )
+    return build_region_chat_dataset(rows, decode_images)
 
 
 @dataclass
