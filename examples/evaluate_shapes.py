@@ -4,6 +4,7 @@
     python examples/evaluate_shapes.py --model ablation=runs/shapes-mask-pooling --num-per-kind 100
     python examples/evaluate_shapes.py --json results.json --show-mistakes
     python examples/evaluate_shapes.py --update-cards     # write each model's row into its folder's README.md
+    python examples/evaluate_shapes.py --regions box      # regions as tight bounding boxes instead of masks
 
 Questions come from `pixelrefer_hf.synthetic.shapes_questions` with `--seed` (default 1000; the demo checkpoints were
 trained on scenes of seed 0), one question of each kind per scene: `what` ("a red circle"), `color`, `shape`,
@@ -41,6 +42,12 @@ def main() -> None:
     )
     parser.add_argument("--num-per-kind", type=int, default=100, help="questions of each kind")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the held-out scenes")
+    parser.add_argument(
+        "--regions",
+        choices=("mask", "box"),
+        default="mask",
+        help="give each region as its mask (default, as the models were trained) or as its tight bounding box",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", help="also write the scores to this file")
@@ -49,6 +56,8 @@ def main() -> None:
         "--update-cards", action="store_true", help="write each model's table into the README.md of its folder"
     )
     args = parser.parse_args()
+    if args.update_cards and args.regions != "mask":
+        parser.error("--update-cards writes the cards' mask table; run it with --regions mask")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.model or [(name, demo_checkpoint(variant)) for variant, name in DEMO_CHECKPOINTS.items()]
@@ -58,7 +67,12 @@ def main() -> None:
     for name, path in models:
         pipe = pipeline("region-qa", model=path, trust_remote_code=True)
         started = time.perf_counter()
-        outputs = pipe([item.inputs for item in items], batch_size=args.batch_size, max_new_tokens=8, do_sample=False)
+        outputs = pipe(
+            [item.pipeline_inputs(boxes=args.regions == "box") for item in items],
+            batch_size=args.batch_size,
+            max_new_tokens=8,
+            do_sample=False,
+        )
         seconds = time.perf_counter() - started
         results[name] = score_shapes_answers(items, [output["answer"] for output in outputs])
         print(f"{name}: {len(items)} questions in {seconds:.0f} s")
@@ -79,7 +93,8 @@ def main() -> None:
             print(f"updated {card_path}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"seed": args.seed, "num_per_kind": args.num_per_kind, "results": results}, file, indent=2)
+            record = {"seed": args.seed, "num_per_kind": args.num_per_kind, "regions": args.regions, "results": results}
+            json.dump(record, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from pixelrefer_hf.demo import (
     is_bundled_checkpoint_folder,
 )
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
-from pixelrefer_hf.synthetic import COLORS, SHAPES, draw_image_scene, shapes_region_chat_dataset
+from pixelrefer_hf.synthetic import COLORS, SHAPES, box_of_mask, draw_image_scene, shapes_region_chat_dataset
 from pixelrefer_hf.training_utils import end_training
 
 
@@ -92,6 +92,13 @@ class ShapesArguments:
         },
     )
     max_pairs: int = field(default=3, metadata={"help": "Pairs per still scene the `larger` turns draw from."})
+    box_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of regions given as their bounding box instead of their mask, in both stages (users "
+            "often draw boxes; a box around a circle or a triangle also holds background)."
+        },
+    )
     max_minutes: float | None = field(
         default=None, metadata={"help": "Stop (and save) once training has run this long, whatever the step."}
     )
@@ -140,14 +147,22 @@ class ObjectPerceptionHead(nn.Module):
         return self.shape(pooled), self.color(pooled), self.geometry(pooled)
 
 
-def perception_batch(rng: np.random.Generator, size: int) -> tuple[list, list, torch.Tensor]:
+def perception_batch(
+    rng: np.random.Generator, size: int, box_rng: np.random.Generator | None = None, box_fraction: float = 0.0
+) -> tuple[list, list, torch.Tensor]:
     """About `size` objects from fresh still scenes, grouped by scene (a scene is encoded once per sample): the frames,
-    the masks of each frame and per object the targets `(shape, color, log area, centre x, centre y)`."""
+    the region of each object (its mask, or with probability `box_fraction` its bounding box, drawn from `box_rng`)
+    and per object the targets `(shape, color, log area, centre x, centre y)` of the shape itself."""
     frames, masks, targets = [], [], []
     while len(targets) < size:
         scene = draw_image_scene(rng)
         frames.append(scene.frames[0])
-        masks.append([obj.masks[0] for obj in scene.objects])
+        masks.append(
+            [
+                box_of_mask(obj.masks[0]) if box_fraction and box_rng.random() < box_fraction else obj.masks[0]
+                for obj in scene.objects
+            ]
+        )
         height, width = scene.frames[0].shape[:2]
         for obj in scene.objects:
             rows, cols = np.nonzero(obj.masks[0])
@@ -163,7 +178,9 @@ def perception_batch(rng: np.random.Generator, size: int) -> tuple[list, list, t
     return frames, masks, torch.tensor(targets, dtype=torch.float32)
 
 
-def object_perception_warmup(model, processor, steps: int, batch_size: int, learning_rate: float, seed: int) -> list:
+def object_perception_warmup(
+    model, processor, steps: int, batch_size: int, learning_rate: float, seed: int, box_fraction: float = 0.0
+) -> list:
     """Stage 1 (the paper's "object perception" stage, here with a direct read-out): train the vision tower, SAOT and
     (Lite) OCI to put an object's shape, colour, size and place into its tokens before the LLM learns to read them.
 
@@ -179,10 +196,11 @@ def object_perception_warmup(model, processor, steps: int, batch_size: int, lear
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(10_000 + seed)  # scenes apart from the SFT rows (seed 0) and evaluation (1000+)
+    box_rng = np.random.default_rng(20_000 + seed)  # its own stream: box_fraction=0 keeps the scenes as they were
     losses = []
     model.train()
     for _ in range(steps):
-        frames, masks, targets = perception_batch(rng, batch_size)
+        frames, masks, targets = perception_batch(rng, batch_size, box_rng, box_fraction)
         inputs, layouts = processor.image_processor.preprocess_multimodal(images=frames, regions=masks)
         # (sum of per-object token counts, text hidden); the still images' global tokens are not needed here.
         tokens = backbone.get_region_features(**{k: v for k, v in inputs.items() if k.startswith("region_")})
@@ -271,6 +289,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
             shapes_args.perception_batch_size,
             shapes_args.perception_learning_rate,
             training_args.seed,
+            shapes_args.box_fraction,
         )
     if perception_trained:
         if not shapes_args.train_perception_in_sft:
@@ -291,6 +310,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         video_shapes=tuple(int(n) for n in shapes_args.video_shapes.split(",")),
         kind_weights=None if shapes_args.larger_weight is None else {"larger": shapes_args.larger_weight},
         max_pairs=shapes_args.max_pairs,
+        box_fraction=shapes_args.box_fraction,
     )
     collator = PixelReferDataCollator(processor)
 
@@ -328,6 +348,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "video_shapes": shapes_args.video_shapes,
         "larger_weight": shapes_args.larger_weight,
         "max_pairs": shapes_args.max_pairs,
+        "box_fraction": shapes_args.box_fraction,
         "batch_size": training_args.per_device_train_batch_size,
         "learning_rate": training_args.learning_rate,
         "torch_threads": torch.get_num_threads(),

@@ -11,12 +11,14 @@ from pixelrefer_hf.configuration_pixelrefer import PixelReferConfig
 from pixelrefer_hf.data import row_regions
 from pixelrefer_hf.demo import demo_config_and_processor
 from pixelrefer_hf.image_processing_pixelrefer import PixelReferImageProcessor
+from pixelrefer_hf.region_utils import region_to_mask, rle_decode
 from pixelrefer_hf.synthetic import (
     COLORS,
     DIRECTIONS,
     EXAMPLE_SCENE_OBJECTS,
     QUESTION_KINDS,
     accuracy_table,
+    box_of_mask,
     draw_image_scene,
     draw_scene,
     draw_video_scene,
@@ -245,3 +247,48 @@ def test_training_mixture_options_shape_the_conversations():
     answers = {m["content"] for row in videos for m in row["messages"] if m["role"] == "assistant"}
     assert answers <= set(DIRECTIONS)
     assert all(len(draw_scene(np.random.default_rng(k), True, video_shapes=(4, 6)).objects) >= 4 for k in range(5))
+
+
+def test_box_fraction_gives_some_regions_as_their_bounding_boxes_and_keeps_the_default_rows():
+    """`box_fraction` turns about that share of the named regions into filled bounding boxes (every frame of a video
+    region), leaves the others as masks, and does not touch the rows of the default (`box_fraction=0`)."""
+    plain = shapes_region_chat_dataset(30, seed=5, video_fraction=0.3).to_list()
+    boxed = shapes_region_chat_dataset(30, seed=5, video_fraction=0.3, box_fraction=0.5).to_list()
+    assert shapes_region_chat_dataset(30, seed=5, video_fraction=0.3).to_list() == plain
+
+    def masks_of(region) -> dict:
+        per_frame = {0: region} if "counts" in region else region  # an image RLE, or {frame: RLE}
+        return {frame: rle_decode(rle).astype(bool) for frame, rle in per_frame.items()}
+
+    as_box = as_mask = 0
+    for plain_row, boxed_row in zip(plain, boxed, strict=True):
+        assert plain_row["messages"] == boxed_row["messages"]
+        for plain_region, boxed_region in zip(row_regions(plain_row), row_regions(boxed_row), strict=True):
+            masks, boxes = masks_of(plain_region), masks_of(boxed_region)
+            assert list(masks) == list(boxes)
+            if all(np.array_equal(masks[t], boxes[t]) for t in masks):
+                as_mask += 1
+                continue
+            as_box += 1
+            assert all(np.array_equal(boxes[t], box_of_mask(masks[t])) for t in masks)
+    assert as_box > 10 and as_mask > 10, (as_box, as_mask)
+
+
+def test_held_out_items_give_their_regions_as_tight_boxes_on_request():
+    """`pipeline_inputs(boxes=True)` gives `[x0, y0, x1, y1]` boxes (per frame for videos) whose rectangles are the
+    masks' bounding boxes, and the default inputs stay masks."""
+    items = shapes_questions(seed=11, num_per_kind=2)
+    for item in items:
+        boxed, masked = item.pipeline_inputs(boxes=True), item.inputs
+        assert boxed["question"] == masked["question"]
+        for box_region, mask_region in zip(boxed["regions"], masked["regions"], strict=True):
+            pairs = (
+                [(box_region[t], mask_region[t]) for t in mask_region]
+                if item.scene.is_video
+                else [(box_region, mask_region)]
+            )
+            for box, mask in pairs:
+                rows, cols = np.nonzero(mask)
+                assert box == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+                assert np.array_equal(region_to_mask(box, mask.shape, "box"), box_of_mask(mask))
+    assert any(item.scene.is_video for item in items)

@@ -187,10 +187,10 @@ where `pixelrefer_hf` is not installed.
 * Stage 1, object perception ({perception_steps} steps): the tower, SAOT and OCI learn to put each object's shape,
   colour, size and place into its tokens, through a small read-out head that is then dropped.
 * Stage 2, TRL `SFTTrainer` ({steps} steps, batch {batch_size}, AdamW, learning rate {learning_rate}, cosine schedule,
-  float32, {stage2_trained}): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), 1 to 4
-  questions each, loss on the answers only.
+  float32, {stage2_trained}): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), {min_turns} to
+  {max_turns} questions each{mixture}, loss on the answers only.
 * Time: {minutes} minutes including data generation, {torch_threads} CPU thread(s) (two variants trained at once on a
-  2-core machine). Logged stage-2 loss {first_loss:.2f} at the start, {last_loss:.2f} at the end.
+  2-core machine). {loss_note}
 * Command: see the docstring of `examples/train_shapes.py` for the exact command line.
 
 ## Evaluation
@@ -212,8 +212,10 @@ show the harness at work, not a skill.
 
 ## Limits
 
-It answers only the five questions above, in exactly these words, about shapes like those it was trained on; other
-questions get one of its five kinds of answers. Regions given as boxes around circles or triangles contain background
+Where the note under the evaluation table says a target is missed, trust its answers to that kind of question only
+as far as the measured accuracy goes (chance is 50% for `larger`, 25% for `direction`). It answers only the five
+questions above, in exactly these words, about shapes like those it was trained on; other questions get one of its
+five kinds of answers. Regions given as boxes around circles or triangles contain background
 pixels the model never saw inside a training mask. License: the code's (Apache-2.0).
 """
 
@@ -221,6 +223,8 @@ pixels the model never saw inside a training mask. License: the code's (Apache-2
 def demo_model_card(summary: dict) -> str:
     """The model card (README.md) of a demo checkpoint, from the `training_summary.json` of `train_shapes.py`."""
     variant = summary["variant"]
+    turns = summary.get("questions_per_row", [1, 4])  # summaries written before the option existed: 1 to 4
+    first_loss, last_loss = summary["first_logged_loss"], summary["last_logged_loss"]
     return _CARD_TEMPLATE.format(
         title="PixelRefer-Lite demo" if variant == "pixelrefer-lite" else "PixelRefer demo",
         framework="Object-Only (PixelRefer-Lite)" if variant == "pixelrefer-lite" else "Vision-Object (PixelRefer)",
@@ -230,6 +234,13 @@ def demo_model_card(summary: dict) -> str:
         minutes=summary["minutes_total"],
         rows=summary["rows"],
         video_percent=round(100 * summary.get("video_fraction", 0.25)),
+        min_turns=turns[0],
+        max_turns=turns[1],
+        mixture=(
+            f" (a still scene's turn asks `larger` {summary['larger_weight']:g}x as often as each single-region kind)"
+            if summary.get("larger_weight")
+            else ""
+        ),
         learning_rate=summary["learning_rate"],
         batch_size=summary["batch_size"],
         steps=summary["steps"],
@@ -238,8 +249,11 @@ def demo_model_card(summary: dict) -> str:
             "tower, SAOT and OCI frozen" if summary.get("perception_frozen_in_sft") else "every weight trained"
         ),
         torch_threads=summary["torch_threads"],
-        first_loss=summary["first_logged_loss"],
-        last_loss=summary["last_logged_loss"],
+        loss_note=(
+            f"Logged stage-2 loss {first_loss:.2f} at the start, {last_loss:.2f} at the end."
+            if first_loss is not None and last_loss is not None
+            else "No stage-2 loss was logged (fewer steps than `logging_steps`)."
+        ),
         results_begin=CARD_RESULTS_BEGIN,
         results_end=CARD_RESULTS_END,
         eval_begin=CARD_EVAL_BEGIN,

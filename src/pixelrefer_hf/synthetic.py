@@ -293,6 +293,28 @@ def draw_scene(rng: np.random.Generator, video: bool, video_shapes: tuple[int, i
     return draw_video_scene(rng, num_shapes=video_shapes) if video else draw_image_scene(rng)
 
 
+def mask_box(mask: np.ndarray) -> list[int]:
+    """`[x0, y0, x1, y1]` (pixels, end exclusive) of the tight bounding box of a non-empty `(H, W)` mask."""
+    rows, cols = np.nonzero(mask)
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
+def box_of_mask(mask: np.ndarray) -> np.ndarray:
+    """`(H, W)` bool: the filled bounding box of `mask`, the region a user's box drawn tightly around the shape gives
+    (`pipeline("region-qa")` turns a box `[x0, y0, x1, y1]` into this rectangle)."""
+    x0, y0, x1, y1 = mask_box(mask)
+    box = np.zeros_like(mask, dtype=bool)
+    box[y0:y1, x0:x1] = True
+    return box
+
+
+def box_of_region(region):
+    """A region entry of `_regions_of` (a mask, or `{frame: mask}`) with every mask replaced by its bounding box."""
+    if isinstance(region, dict):
+        return {frame: box_of_mask(mask) for frame, mask in region.items()}
+    return box_of_mask(region)
+
+
 def _regions_of(scene: ShapeScene, object_indices: list[int]) -> list:
     """Region entries for `make_region_chat_row`: a mask per image region, `{frame: mask}` per video region."""
     if scene.is_video:
@@ -329,6 +351,7 @@ def shapes_region_chat_dataset(
     max_pairs: int = 3,
     min_questions_per_row: int = 1,
     video_shapes: tuple[int, int] = (2, 4),
+    box_fraction: float = 0.0,
 ):
     """Training conversations about synthetic scenes, in the region-chat schema of `pixelrefer_hf.data`.
 
@@ -338,9 +361,13 @@ def shapes_region_chat_dataset(
     a turn can be learned on its own, exactly as the single-turn questions of [`shapes_questions`] are asked.
     Without `kind_weights` the turns are a random subset of the scene's questions (so a kind is asked as often as the
     scene offers it); with them each turn's kind is drawn by weight (`{"larger": 3.0}` asks pair questions about
-    three times as often as a single-region kind), from up to `max_pairs` pairs per still scene.
+    three times as often as a single-region kind), from up to `max_pairs` pairs per still scene. Each region a turn
+    names is given as its bounding box (a filled rectangle, as a user's box reaches the model) with probability
+    `box_fraction`, otherwise as its mask.
     """
     rng = np.random.default_rng(seed)
+    # Box draws come from their own stream, so that `box_fraction=0` leaves every row as it was.
+    box_rng = np.random.default_rng([seed, 1])
     rows = []
     for index in range(num_rows):
         scene = draw_scene(rng, video=bool(rng.random() < video_fraction), video_shapes=video_shapes)
@@ -363,11 +390,10 @@ def shapes_region_chat_dataset(
             media = {"frames": [PILImage.fromarray(f) for f in scene.frames], "timestamps": scene.timestamps}
         else:
             media = {"image": PILImage.fromarray(scene.frames[0])}
-        rows.append(
-            make_region_chat_row(
-                messages, regions=_regions_of(scene, object_indices), id=f"shapes-{seed}-{index}", **media
-            )
-        )
+        regions = _regions_of(scene, object_indices)
+        if box_fraction:
+            regions = [box_of_region(region) if box_rng.random() < box_fraction else region for region in regions]
+        rows.append(make_region_chat_row(messages, regions=regions, id=f"shapes-{seed}-{index}", **media))
     return build_region_chat_dataset(rows, decode_images)
 
 
@@ -383,18 +409,32 @@ class ShapesEvalItem:
         return _regions_of(self.scene, self.question.object_indices)
 
     @property
+    def box_regions(self) -> list:
+        """The regions as the boxes `[x0, y0, x1, y1]` a user would draw tightly around each shape (per frame for a
+        video), instead of masks."""
+        if self.scene.is_video:
+            return [{t: mask_box(mask) for t, mask in region.items()} for region in self.regions]
+        return [mask_box(mask) for mask in self.regions]
+
+    @property
     def inputs(self) -> dict:
-        """Keyword arguments of `pipeline("region-qa")` for this question."""
+        """Keyword arguments of `pipeline("region-qa")` for this question (regions as masks)."""
+        return self.pipeline_inputs(boxes=False)
+
+    def pipeline_inputs(self, boxes: bool = False) -> dict:
+        """Keyword arguments of `pipeline("region-qa")` for this question, with the regions as masks or (`boxes`) as
+        their bounding boxes."""
+        regions = self.box_regions if boxes else self.regions
         if self.scene.is_video:
             return {
                 "video": [PILImage.fromarray(f) for f in self.scene.frames],
-                "regions": self.regions,
+                "regions": regions,
                 "question": self.question.question,
                 "video_timestamps": self.scene.timestamps,
             }
         return {
             "image": PILImage.fromarray(self.scene.frames[0]),
-            "regions": self.regions,
+            "regions": regions,
             "question": self.question.question,
         }
 
@@ -527,6 +567,9 @@ __all__ = [
     "ShapeScene",
     "ShapesEvalItem",
     "accuracy_table",
+    "box_of_mask",
+    "box_of_region",
+    "mask_box",
     "draw_image_scene",
     "draw_scene",
     "draw_video_scene",
