@@ -4,27 +4,29 @@
 """Train a demo PixelRefer / PixelRefer-Lite from scratch on synthetic shapes with TRL's SFTTrainer (CPU friendly).
 
 The bundled demo checkpoints were made with exactly these commands (each on one core of a 2-core CPU, both at once,
-under 30 minutes each including data generation):
+26 minutes each including data generation); the defaults are PixelRefer's recipe:
 
-    python examples/train_shapes.py --variant pixelrefer --perception_steps 500 --max_steps 400 --threads 1 \
-        --max_minutes 15 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
-    python examples/train_shapes.py --variant pixelrefer-lite --perception_steps 500 --max_steps 400 --threads 1 \
-        --max_minutes 13 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
+    python examples/train_shapes.py --variant pixelrefer --threads 1 --max_total_minutes 29 \
+        --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
+    python examples/train_shapes.py --variant pixelrefer-lite --max_steps 420 --box_fraction 0 --threads 1 \
+        --max_total_minutes 29 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
 
-The ablation of the README (plain mask pooling over the whole frame instead of SAOT's scale-adaptive crop):
+The previous checkpoints' recipe (1 to 4 random questions per scene, 25% videos, masks only) and, with
+`--object_crop frame`, the README's ablation (plain mask pooling over the whole frame instead of SAOT's crop):
 
-    python examples/train_shapes.py --variant pixelrefer --object_crop frame --perception_steps 500 --max_steps 400 \
-        --threads 1 --max_minutes 15 --output_dir runs/shapes-mask-pooling
+    python examples/train_shapes.py --variant pixelrefer --video_fraction 0.25 --max_questions_per_row 4 \
+        --larger_weight 0 --box_fraction 0 --max_steps 400 --threads 1 --max_minutes 15 --output_dir runs/previous
+    python examples/train_shapes.py --variant pixelrefer --object_crop frame --video_fraction 0.25 \
+        --max_questions_per_row 4 --larger_weight 0 --box_fraction 0 --max_steps 400 --threads 1 --max_minutes 15 \
+        --output_dir runs/shapes-mask-pooling
 
-A mixture richer in relational questions (issue 16's first retraining attempt; 4 to 8 turns per row, `larger` asked
-3x as often as each single-region kind, 40% videos, batch 4). Stopped by its 20-minute budget (554 / 800 steps for
-Lite, whose stage 1 was taken from the bundled checkpoint with `--perception_from`), it raised PixelRefer's `larger` from
-59% to 82% but lost `what` and `shape` (60% / 79%) and left `direction` at chance (23%); see the README, "Demo
-checkpoints":
+Issue 16's first retraining attempt (4 to 8 turns per row, `larger` 3x, 40% videos, batch 4), stopped by its 20-minute
+budget: PixelRefer's `larger` rose from 59% to 82% but `what` and `shape` fell to 60% / 79%; the README's "Demo
+checkpoints" lists every run:
 
-    python examples/train_shapes.py --variant pixelrefer --perception_steps 500 --max_steps 800 \
-        --per_device_train_batch_size 4 --warmup_steps 40 --video_fraction 0.4 --max_questions_per_row 8 \
-        --larger_weight 3 --max_pairs 6 --threads 1 --max_minutes 20 --output_dir runs/shapes-relations
+    python examples/train_shapes.py --variant pixelrefer --max_steps 800 --per_device_train_batch_size 4 \
+        --warmup_steps 40 --video_fraction 0.4 --max_questions_per_row 8 --larger_weight 3 --max_pairs 6 \
+        --box_fraction 0 --threads 1 --max_minutes 20 --output_dir runs/shapes-relations
 
 A quick smoke run (a few steps, a few seconds):
 
@@ -74,9 +76,9 @@ class ShapesArguments:
         default=None, metadata={"help": "Synthetic conversations to draw (default: enough for every step once)."}
     )
     scene_seed: int = field(default=0, metadata={"help": "Seed of the training scenes."})
-    video_fraction: float = field(default=0.25, metadata={"help": "Share of video scenes among the rows."})
+    video_fraction: float = field(default=0.1, metadata={"help": "Share of video scenes among the rows."})
     max_questions_per_row: int = field(
-        default=4, metadata={"help": "Turns per conversation: at most this many (one scene encoding serves them all)."}
+        default=6, metadata={"help": "Turns per conversation: at most this many (one scene encoding serves them all)."}
     )
     min_questions_per_row: int = field(
         default=1, metadata={"help": "Turns per conversation: at least this many (fewer when a scene has fewer)."}
@@ -84,16 +86,16 @@ class ShapesArguments:
     video_shapes: str = field(
         default="2,4", metadata={"help": "Fewest and most moving shapes of a training video (held-out videos: 2 to 4)."}
     )
-    larger_weight: float | None = field(
-        default=None,
+    larger_weight: float = field(
+        default=2.0,
         metadata={
             "help": "How much more often a still scene's turn asks the pair question `larger` than each single-region "
-            "kind (default: turns are a random subset of the scene's questions, as for the bundled checkpoints)."
+            "kind; 0: turns are a random subset of the scene's questions (the previous checkpoints' recipe)."
         },
     )
     max_pairs: int = field(default=3, metadata={"help": "Pairs per still scene the `larger` turns draw from."})
     box_fraction: float = field(
-        default=0.0,
+        default=0.25,
         metadata={
             "help": "Share of regions given as their bounding box instead of their mask, in both stages (users "
             "often draw boxes; a box around a circle or a triangle also holds background)."
@@ -108,7 +110,7 @@ class ShapesArguments:
     )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     perception_steps: int = field(
-        default=300, metadata={"help": "Stage 1: steps of the object-perception warm-up (0 skips it)."}
+        default=500, metadata={"help": "Stage 1: steps of the object-perception warm-up (0 skips it)."}
     )
     perception_batch_size: int = field(default=32, metadata={"help": "Stage 1: objects per step."})
     perception_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 1: learning rate."})
@@ -308,7 +310,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         max_questions_per_row=shapes_args.max_questions_per_row,
         min_questions_per_row=shapes_args.min_questions_per_row,
         video_shapes=tuple(int(n) for n in shapes_args.video_shapes.split(",")),
-        kind_weights=None if shapes_args.larger_weight is None else {"larger": shapes_args.larger_weight},
+        kind_weights={"larger": shapes_args.larger_weight} if shapes_args.larger_weight else None,
         max_pairs=shapes_args.max_pairs,
         box_fraction=shapes_args.box_fraction,
     )
@@ -373,9 +375,9 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
 
 
 def default_training_arguments() -> dict:
-    """Settings of the bundled demo checkpoints (about 25 minutes per variant on one CPU core)."""
+    """Settings of the bundled PixelRefer demo checkpoint (about 26 minutes on one CPU core)."""
     return {
-        "max_steps": 450,
+        "max_steps": 500,
         "per_device_train_batch_size": 8,
         "learning_rate": 1e-3,
         "weight_decay": 0.01,

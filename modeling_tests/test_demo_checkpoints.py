@@ -1,6 +1,7 @@
 """The bundled demo checkpoints: what ships, that they really answer region questions, and that training learns."""
 
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fresh_process import offline_env, run_python
+from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 
 import pixelrefer_hf
@@ -22,7 +24,7 @@ from pixelrefer_hf.demo import (
     replace_card_results,
     target_report,
 )
-from pixelrefer_hf.synthetic import normalize_answer, score_shapes_answers, shapes_questions
+from pixelrefer_hf.synthetic import EXAMPLE_SCENE_OBJECTS, normalize_answer, score_shapes_answers, shapes_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(pixelrefer_hf.__file__).parent
@@ -58,10 +60,36 @@ def test_checkpoint_folder_ships_safe_small_weights_and_card_and_no_code(variant
 
 # Answer sets of the kinds whose answers are not object names: a wrong answer is still one of these.
 ANSWER_SETS = {"larger": {"yes", "no"}, "direction": {"left", "right", "up", "down"}}
-# Where the bundled checkpoints fall short of `DEMO_TARGETS` (README, "Demo checkpoints": `what` 87-88%, the pair and
-# video questions near chance), the level each is held to instead; None holds only the answer format. Every other
-# target is asserted as it is. Drop an entry once a retrained checkpoint meets its target.
-SHORTFALLS = {"what": 0.85, "larger": None, "direction": None}
+# Where a bundled checkpoint falls short of `DEMO_TARGETS` (README, "Demo checkpoints", 100 questions per kind: Lite's
+# `larger` 63%, direction at chance for both), the level it is held to instead; None holds only the answer format.
+# Every other target is asserted as it is. Drop an entry once a retrained checkpoint meets its target.
+SHORTFALLS = {
+    "pixelrefer": {"direction": None},
+    "pixelrefer-lite": {"larger": 0.6, "direction": None},
+}
+# A model exactly at a bar falls below the passing count on this small set at most this often (a one-sided binomial
+# test): 30 questions cannot tell 95% from 93%, so the test fails on results that are unlikely at the bar, not on noise.
+SAMPLING_RISK = 0.05
+
+
+def passing_count(bar: float, total: int, risk: float = SAMPLING_RISK) -> int:
+    """The largest count k for which a model whose true accuracy is `bar` scores below k (of `total` independent
+    questions) with probability at most `risk`."""
+    below = 0.0  # P(score < k)
+    for k in range(total + 1):
+        chance_of_k = math.comb(total, k) * bar**k * (1 - bar) ** (total - k)
+        if below + chance_of_k > risk:
+            return k
+        below += chance_of_k
+    return total
+
+
+def test_passing_count_is_the_binomial_lower_tail():
+    # Binomial(30, 0.95): P(X <= 25) = 0.016, P(X <= 26) = 0.061, so 26 passes and 25 does not.
+    assert passing_count(0.95, 30) == 26
+    assert passing_count(0.9, 28) == 22  # P(X <= 21) = 0.018, P(X <= 22) = 0.055
+    assert passing_count(1.0, 30) == 30 and passing_count(0.0, 30) == 0
+    assert passing_count(0.95, 30, risk=0.5) == 29
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +101,8 @@ def held_out_questions():
 def test_demo_checkpoints_meet_their_targets_on_held_out_questions(demo_pipeline, held_out_questions):
     """Every question kind, and the what / colour / shape questions about objects under 16 px, at its target
     (`DEMO_TARGETS`: 95% colour / shape, 90% under 16 px, ...) on 30 questions per kind, or at its `SHORTFALLS`
-    level where the checkpoints are known to miss it."""
+    level where the checkpoint is known to miss it; a kind fails when its count is one a model at the bar reaches
+    less than 5% of the time (`passing_count`: 26/30 for 95%)."""
     variant, pipe = demo_pipeline
     items = held_out_questions
     outputs = pipe([item.inputs for item in items], batch_size=32, max_new_tokens=6, do_sample=False)
@@ -82,11 +111,11 @@ def test_demo_checkpoints_meet_their_targets_on_held_out_questions(demo_pipeline
     measured = {name: (scores["kinds"] | scores["sizes"])[name] for name in DEMO_TARGETS}
     print(variant, {name: f"{entry['correct']}/{entry['total']}" for name, entry in measured.items()})
     assert measured["<16px"]["total"] >= 20, measured  # enough tiny objects for the size target to mean something
-    bars = {name: SHORTFALLS.get(name, target) for name, target in DEMO_TARGETS.items()}
+    bars = {name: SHORTFALLS[variant].get(name, target) for name, target in DEMO_TARGETS.items()}
     missed = {
-        name: f"{entry['correct']}/{entry['total']} (bar {bars[name]:.0%})"
+        name: f"{entry['correct']}/{entry['total']} (bar {bars[name]:.0%}: at least {needed}/{entry['total']})"
         for name, entry in measured.items()
-        if bars[name] is not None and entry["accuracy"] < bars[name]
+        if bars[name] is not None and entry["correct"] < (needed := passing_count(bars[name], entry["total"]))
     }
     assert not missed, (variant, missed, scores["wrong"])
     # A wrong answer still comes from its kind's answer set.
@@ -106,6 +135,34 @@ def test_readme_main_command_answers_with_the_demo_checkpoint(capsys):
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert json.loads(captured.out)["answer"] == "red"
+
+
+# The README's boxes of `examples/assets/shapes.png` (`EXAMPLE_SCENE_OBJECTS`) and what it says each demo calls them.
+README_BOX_ANSWERS = {
+    "pixelrefer": {},
+    "pixelrefer-lite": {("triangle", "purple", 36, 170, 100): "a purple circle"},
+}
+
+
+def test_readme_boxes_of_the_example_image_get_the_answers_the_readme_gives(demo_pipeline):
+    """Asked `What is <region>?` with the README's box of each shape of the example image, the demo model names every
+    shape right and Lite all but the one the README says it misses."""
+    variant, pipe = demo_pipeline
+    image = Image.open(EXAMPLE_IMAGE)
+    items = [
+        {"image": image, "regions": [[left, top, left + size, top + size]], "question": "What is <region>?"}
+        for _, _, size, top, left in EXAMPLE_SCENE_OBJECTS
+    ]
+    answers = [output["answer"] for output in pipe(items, batch_size=8, max_new_tokens=6, do_sample=False)]
+    expected = [README_BOX_ANSWERS[variant].get(obj, f"a {obj[1]} {obj[0]}") for obj in EXAMPLE_SCENE_OBJECTS]
+    assert answers == expected, (variant, answers)
+    # The README's pair: the red square (50 px) is larger than the tiny green circle (10 px), and not the other way.
+    square, circle = ([left, top, left + size, top + size] for _, _, size, top, left in EXAMPLE_SCENE_OBJECTS[::3][:2])
+    pairs = [
+        {"image": image, "regions": regions, "question": "Is <region> larger than <region>?"}
+        for regions in ([square, circle], [circle, square])
+    ]
+    assert [output["answer"] for output in pipe(pairs, max_new_tokens=4, do_sample=False)] == ["yes", "no"]
 
 
 def test_default_model_of_the_command_is_the_demo_checkpoint(capsys):

@@ -1,9 +1,10 @@
 """The bundled demo checkpoints: small PixelRefer and PixelRefer-Lite models trained from scratch on synthetic shapes.
 
 They are toys. They name the colour (five) and shape (three) of a region of a synthetic scene
-(`pixelrefer_hf.synthetic`); trained also on which of two shapes is larger and which way a shape moves, they answer those
-near chance; they know nothing about real photos; they exist so that the `pixelrefer` command, the examples
-and the tests run a model that really reads regions, offline, in seconds. For real weights convert a released
+(`pixelrefer_hf.synthetic`); they were also trained on which of two shapes is larger (PixelRefer's answers it well,
+Lite's barely above chance) and which way a shape moves (both at chance); each card gives the measured accuracies.
+They know nothing about real photos; they exist so that the `pixelrefer` command, the examples and the tests run a
+model that really reads regions, offline, in seconds. For real weights convert a released
 checkpoint (`pixelrefer convert --help`).
 
     >>> from pixelrefer_hf.demo import demo_checkpoint
@@ -236,10 +237,15 @@ def demo_model_card(summary: dict) -> str:
         video_percent=round(100 * summary.get("video_fraction", 0.25)),
         min_turns=turns[0],
         max_turns=turns[1],
-        mixture=(
-            f" (a still scene's turn asks `larger` {summary['larger_weight']:g}x as often as each single-region kind)"
-            if summary.get("larger_weight")
-            else ""
+        mixture="".join(
+            [
+                f"; a still scene's turn asks `larger` {summary['larger_weight']:g}x as often as each single-region kind"
+                if summary.get("larger_weight")
+                else "",
+                f"; {100 * summary['box_fraction']:g}% of the regions given as their bounding box (both stages)"
+                if summary.get("box_fraction")
+                else "",
+            ]
         ),
         learning_rate=summary["learning_rate"],
         batch_size=summary["batch_size"],
