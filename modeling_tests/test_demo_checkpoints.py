@@ -157,7 +157,10 @@ def test_readme_boxes_of_the_example_image_get_the_answers_the_readme_gives(demo
     expected = [README_BOX_ANSWERS[variant].get(obj, f"a {obj[1]} {obj[0]}") for obj in EXAMPLE_SCENE_OBJECTS]
     assert answers == expected, (variant, answers)
     # The README's pair: the red square (50 px) is larger than the tiny green circle (10 px), and not the other way.
-    square, circle = ([left, top, left + size, top + size] for _, _, size, top, left in EXAMPLE_SCENE_OBJECTS[::3][:2])
+    square, circle = (
+        [left, top, left + size, top + size]
+        for _, _, size, top, left in (EXAMPLE_SCENE_OBJECTS[0], EXAMPLE_SCENE_OBJECTS[3])
+    )
     pairs = [
         {"image": image, "regions": regions, "question": "Is <region> larger than <region>?"}
         for regions in ([square, circle], [circle, square])

@@ -12,6 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pixelrefer_hf.region_utils import (  # noqa: E402
+    mask_to_box,
     polygons_to_mask,
     region_to_mask,
     rle_decode,
@@ -233,3 +234,14 @@ def test_frame_index_errors(index, match):
     with pytest.raises(ValueError, match=match) as info:
         validate_frame_index(index, 5, where)
     assert str(info.value).startswith(where + ": ")
+
+
+def test_mask_to_box_is_the_tight_box_that_region_to_mask_fills_back():
+    mask = np.zeros(SIZE, bool)
+    mask[1, 2] = mask[4, 6] = mask[3, 3] = True
+    box = mask_to_box(mask)
+    assert box == [2, 1, 7, 5]
+    filled = region_to_mask(box, SIZE, WHERE)
+    assert filled.sum() == 5 * 4 and (filled >= mask).all()
+    with pytest.raises(ValueError, match="empty mask"):
+        mask_to_box(np.zeros(SIZE, bool))

@@ -247,6 +247,15 @@ def _mask_from_array(array: np.ndarray, image_size: tuple[int, int], where: str)
     return _binarize(squeezed, where)
 
 
+def mask_to_box(mask: np.ndarray) -> list[int]:
+    """`[x0, y0, x1, y1]` (pixels, end exclusive) of the tight bounding box of a non-empty `(H, W)` mask: the box that
+    `region_to_mask` turns back into the filled rectangle around it."""
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        raise ValueError("an empty mask has no bounding box")
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
 def _mask_from_box(box, image_size: tuple[int, int], where: str) -> np.ndarray:
     if len(box) != 4:
         raise ValueError(f"{where}: a box must have exactly 4 numbers [x0, y0, x1, y1], got {len(box)}")

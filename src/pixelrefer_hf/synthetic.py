@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from .data import build_region_chat_dataset, make_region_chat_row
+from .region_utils import mask_to_box, region_to_mask
 
 COLORS = {
     "red": (215, 35, 35),
@@ -293,19 +294,10 @@ def draw_scene(rng: np.random.Generator, video: bool, video_shapes: tuple[int, i
     return draw_video_scene(rng, num_shapes=video_shapes) if video else draw_image_scene(rng)
 
 
-def mask_box(mask: np.ndarray) -> list[int]:
-    """`[x0, y0, x1, y1]` (pixels, end exclusive) of the tight bounding box of a non-empty `(H, W)` mask."""
-    rows, cols = np.nonzero(mask)
-    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
-
-
 def box_of_mask(mask: np.ndarray) -> np.ndarray:
     """`(H, W)` bool: the filled bounding box of `mask`, the region a user's box drawn tightly around the shape gives
-    (`pipeline("region-qa")` turns a box `[x0, y0, x1, y1]` into this rectangle)."""
-    x0, y0, x1, y1 = mask_box(mask)
-    box = np.zeros_like(mask, dtype=bool)
-    box[y0:y1, x0:x1] = True
-    return box
+    (by the rule `pipeline("region-qa")` applies to a box, `region_to_mask`)."""
+    return region_to_mask(mask_to_box(mask), mask.shape, "bounding box")
 
 
 def box_of_region(region):
@@ -413,8 +405,8 @@ class ShapesEvalItem:
         """The regions as the boxes `[x0, y0, x1, y1]` a user would draw tightly around each shape (per frame for a
         video), instead of masks."""
         if self.scene.is_video:
-            return [{t: mask_box(mask) for t, mask in region.items()} for region in self.regions]
-        return [mask_box(mask) for mask in self.regions]
+            return [{t: mask_to_box(mask) for t, mask in region.items()} for region in self.regions]
+        return [mask_to_box(mask) for mask in self.regions]
 
     @property
     def inputs(self) -> dict:
@@ -569,7 +561,6 @@ __all__ = [
     "accuracy_table",
     "box_of_mask",
     "box_of_region",
-    "mask_box",
     "draw_image_scene",
     "draw_scene",
     "draw_video_scene",

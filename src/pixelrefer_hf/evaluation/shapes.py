@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..region_utils import rle_encode
+from ..region_utils import mask_to_box, rle_encode
 from ..synthetic import DIRECTIONS, ShapeObject, draw_image_scene, draw_video_scene
 
 
 def _bbox_xywh(mask: np.ndarray) -> list[int]:
-    rows, cols = np.nonzero(mask)
-    return [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)]
+    x0, y0, x1, y1 = mask_to_box(mask)
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def _rle(mask: np.ndarray) -> dict:
