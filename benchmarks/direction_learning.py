@@ -8,7 +8,7 @@ This script encodes the direction prompts of `--train-scenes` training videos (s
 `--test-scenes` held-out ones (seed 1000) once, as `pipeline("region-qa")` encodes them: the object tokens (and, for
 PixelRefer, the global video tokens, with its projector held at the checkpoint's weights) in their slots of the
 prompt. It then trains only the LLM on the first answer token, several epochs over those cached inputs, which gives
-the LLM many more direction updates than stage 2 does, under four settings:
+the LLM many more direction updates than stage 2 does, under these settings:
 
 * `checkpoint LLM`: the checkpoint's own LLM, trained on;
 * `fresh LLM`: a freshly initialised LLM of the same configuration;
@@ -16,7 +16,10 @@ the LLM many more direction updates than stage 2 does, under four settings:
   part that changes from frame to frame weighs as much as any other;
 * `fresh LLM, standardized, dense read-out`: also a linear read-out of the direction at every `<REGION>` position
   after the first frame, from the states after LLM layer 2 (a causal layer can compare a frame with the frames before
-  it without knowing which frame is which).
+  it without knowing which frame is which);
+* `fresh LLM, place added at s of the token norm`: controls, the same prompts with the shape's true centre on each
+  frame added to its object tokens along two fixed unit directions, `s * mean token norm * (2 * centre - 1)`: how
+  strongly place has to stand out in every token before the LLM picks direction up.
 
 Baselines, logistic regression on the same tokens: the last frame's mean object token minus the first frame's (what
 a reader that picks out those two frames can reach), and the mean over all frames (what an even average keeps).
@@ -56,12 +59,17 @@ def encode_prompts(pipe, num_scenes: int, seed: int) -> list[dict]:
                     **{k: v for k, v in inputs.items() if k != "attention_mask"}
                 )
             answer_id = pipe.tokenizer(question.answer, add_special_tokens=False)["input_ids"][0]
+            masks = scene.objects[question.object_indices[0]].masks
+            height, width = masks[0].shape
+            # (frames, 2): the shape's centre (x, y) on every frame, as a fraction of the frame.
+            centres = [[cols.mean() / width, rows.mean() / height] for rows, cols in map(np.nonzero, masks)]
             records.append(
                 {
                     "embeds": embeds[0],
                     "ids": inputs["input_ids"][0],
                     "label": ANSWERS.index(question.answer),
                     "answer_id": answer_id,
+                    "centres": torch.tensor(centres, dtype=torch.float32),
                 }
             )
     return records
@@ -105,7 +113,15 @@ def token_scales(records: list[dict], region_token_id: int) -> dict[str, float]:
 class CachedDirectionTrainer:
     """Trains an LLM (and its head) on cached direction prompts; the object (and image) slots stay fixed."""
 
-    def __init__(self, checkpoint, fresh: bool, standardize: bool, dense_layer: int | None, train: list[dict]):
+    def __init__(
+        self,
+        checkpoint,
+        fresh: bool,
+        standardize: bool,
+        dense_layer: int | None,
+        train: list[dict],
+        added_place: float = 0.0,
+    ):
         config = checkpoint.config
         model = PixelReferForConditionalGeneration(config) if fresh else checkpoint
         self.language_model, self.head = model.model.language_model, model.lm_head
@@ -117,6 +133,13 @@ class CachedDirectionTrainer:
         if standardize:
             tokens = torch.cat([r["embeds"][r["ids"] == self.region_token_id] for r in train])
             self.shift, self.scale = tokens.mean(0), tokens.std(0) + 1e-6
+        # A control of what the LLM can learn when place is a large, consistent part of every object token: add
+        # `added_place * mean token norm * (2 * centre - 1)` along two fixed random unit directions (x, y).
+        self.added_place = None
+        if added_place:
+            norm = float(torch.cat([r["embeds"][r["ids"] == self.region_token_id] for r in train]).norm(dim=-1).mean())
+            directions = torch.randn(2, config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
+            self.added_place = added_place * norm * directions / directions.norm(dim=-1, keepdim=True)
         self.parameters = [*self.language_model.parameters(), *self.head.parameters()]
         if self.dense_head is not None:
             self.parameters += list(self.dense_head.parameters())
@@ -132,6 +155,11 @@ class CachedDirectionTrainer:
         is_region = ids == self.region_token_id
         if self.shift is not None:
             embeds[is_region] = (embeds[is_region] - self.shift) / self.scale
+        if self.added_place is not None:
+            for row, record in enumerate(records):
+                # (frames, 2) centres -> (frames, hidden) -> one copy per object token of each frame.
+                place = (2 * record["centres"] - 1) @ self.added_place
+                embeds[row, is_region[row]] += place.repeat_interleave(int(is_region[row].sum()) // NUM_VIDEO_FRAMES, 0)
         is_media = torch.isin(ids, self.media_ids)[..., None]
         embeds = torch.where(is_media, embeds, self.language_model.embed_tokens(ids))
         return embeds, ids, attention_mask
@@ -196,6 +224,18 @@ SETTINGS = {
     "fresh LLM": {"fresh": True, "standardize": False, "dense_layer": None},
     "fresh LLM, standardized tokens": {"fresh": True, "standardize": True, "dense_layer": None},
     "fresh LLM, standardized, dense read-out": {"fresh": True, "standardize": True, "dense_layer": 2},
+    "fresh LLM, place added at 0.13 of the token norm": {
+        "fresh": True,
+        "standardize": False,
+        "dense_layer": None,
+        "added_place": 0.13,
+    },
+    "fresh LLM, place added at 0.5 of the token norm": {
+        "fresh": True,
+        "standardize": False,
+        "dense_layer": None,
+        "added_place": 0.5,
+    },
 }
 
 

@@ -86,6 +86,13 @@ class ShapesArguments:
     video_shapes: str = field(
         default="2,4", metadata={"help": "Fewest and most moving shapes of a training video (held-out videos: 2 to 4)."}
     )
+    ask_every_moving_shape: bool = field(
+        default=False,
+        metadata={
+            "help": "A training video's conversation asks the direction of every shape in it (False: a random number "
+            "of turns, as for still scenes; the previous checkpoints' recipe)."
+        },
+    )
     larger_weight: float = field(
         default=2.0,
         metadata={
@@ -129,24 +136,63 @@ class ShapesArguments:
             "left them frozen); everything else starts random."
         },
     )
+    token_geometry_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stage 1: weight of the per-token read-out of each object's log-area and centre, through unit "
+            "directions of the RMS-normalised token (0: only the pooled read-out, the previous checkpoints' recipe)."
+        },
+    )
+    token_geometry_targets: str = field(
+        default="area,x,y",
+        metadata={"help": "Stage 1: which of log-area ('area') and centre ('x', 'y') the per-token read-out asks for."},
+    )
+    token_geometry_scale: float = field(
+        default=8.0,
+        metadata={
+            "help": "Stage 1: how strongly each token must carry that geometry: the target of a value at the end of "
+            "its range, in units of the RMS-normalised token (whose norm is sqrt(hidden size), 16 in the demo)."
+        },
+    )
     position_init_std: float = field(
         default=1.0,
         metadata={"help": "Init std of SAOT's box-position embedding (0 keeps the model's default init)."},
     )
 
 
+# Log-area (of the frame) of the smallest and largest still shapes, about: centre and half-range, to map it to [-1, 1].
+LOG_AREA_CENTER, LOG_AREA_HALF_RANGE = -4.25, 2.65
+
+
 class ObjectPerceptionHead(nn.Module):
     """Stage 1 read-out: from the mean and max of an object's tokens, its shape and colour (classes) and its
-    log-area and centre (regression). Discarded after the warm-up; only the tower, SAOT and OCI keep what it taught."""
+    log-area and centre (regression); and from every single token, the same geometry through a read-out of fixed
+    strength (see `token_geometry`). Discarded after the warm-up; only the tower, SAOT and OCI keep what it taught."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.shape = nn.Linear(2 * hidden_size, len(SHAPES))
         self.color = nn.Linear(2 * hidden_size, len(COLORS))
         self.geometry = nn.Linear(2 * hidden_size, 3)  # log area, centre x, centre y (frame-normalised)
+        self.token_geometry_direction = nn.Linear(hidden_size, 3)
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.shape(pooled), self.color(pooled), self.geometry(pooled)
+
+    def token_geometry(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(num_tokens, hidden)` -> `(num_tokens, 3)`: each token's projection, after the LLM's own scale-free view
+        of it (RMS-normalised, so norm sqrt(hidden)), on three unit directions.
+
+        With unit directions the read-out cannot amplify a faint feature: a target of +-s asks the token to put a
+        share s / sqrt(hidden) of its norm along each direction. Why: the LLM compares frames (direction) and regions
+        (larger) by attention averages of whole tokens, and it learns that quickly only when the compared quantity
+        is a large, consistent part of every token (issue 16: a small LLM stays at chance on direction from tokens
+        where place is linearly decodable, and reaches 99% once place is ~40% of each token's norm).
+        """
+        normalized = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
+        weight = self.token_geometry_direction.weight
+        directions = weight / weight.norm(dim=-1, keepdim=True)
+        return normalized @ directions.T + self.token_geometry_direction.bias
 
 
 def perception_batch(
@@ -181,7 +227,16 @@ def perception_batch(
 
 
 def object_perception_warmup(
-    model, processor, steps: int, batch_size: int, learning_rate: float, seed: int, box_fraction: float = 0.0
+    model,
+    processor,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    box_fraction: float = 0.0,
+    token_geometry_weight: float = 0.0,
+    token_geometry_scale: float = 8.0,
+    token_geometry_targets: tuple[str, ...] = ("area", "x", "y"),
 ) -> list:
     """Stage 1 (the paper's "object perception" stage, here with a direct read-out): train the vision tower, SAOT and
     (Lite) OCI to put an object's shape, colour, size and place into its tokens before the LLM learns to read them.
@@ -214,6 +269,20 @@ def object_perception_warmup(
             + nn.functional.cross_entropy(color_logits, targets[:, 1].long())
             + 10 * nn.functional.mse_loss(geometry, targets[:, 2:] * torch.tensor([0.25, 1.0, 1.0]))
         )
+        if token_geometry_weight:
+            # Every token of an object carries the object's (log-area, centre x, centre y), each mapped to [-1, 1]
+            # and asked at strength `token_geometry_scale` (in units of the RMS-normalised token).
+            geometry_targets = torch.stack(
+                [
+                    (targets[:, 2] - LOG_AREA_CENTER) / LOG_AREA_HALF_RANGE,
+                    2 * targets[:, 3] - 1,
+                    2 * targets[:, 4] - 1,
+                ],
+                dim=-1,
+            ).repeat_interleave(torch.tensor(counts), dim=0)  # (num_tokens, 3)
+            asked = [("area", "x", "y").index(name) for name in token_geometry_targets]
+            per_token = head.token_geometry(tokens)[:, asked] / token_geometry_scale
+            loss = loss + token_geometry_weight * nn.functional.mse_loss(per_token, geometry_targets[:, asked])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
@@ -292,6 +361,9 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
             shapes_args.perception_learning_rate,
             training_args.seed,
             shapes_args.box_fraction,
+            shapes_args.token_geometry_weight,
+            shapes_args.token_geometry_scale,
+            tuple(shapes_args.token_geometry_targets.split(",")),
         )
     if perception_trained:
         if not shapes_args.train_perception_in_sft:
@@ -313,6 +385,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         kind_weights={"larger": shapes_args.larger_weight} if shapes_args.larger_weight else None,
         max_pairs=shapes_args.max_pairs,
         box_fraction=shapes_args.box_fraction,
+        ask_every_moving_shape=shapes_args.ask_every_moving_shape,
     )
     collator = PixelReferDataCollator(processor)
 
@@ -348,9 +421,15 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "video_fraction": shapes_args.video_fraction,
         "questions_per_row": [shapes_args.min_questions_per_row, shapes_args.max_questions_per_row],
         "video_shapes": shapes_args.video_shapes,
+        "ask_every_moving_shape": shapes_args.ask_every_moving_shape,
         "larger_weight": shapes_args.larger_weight,
         "max_pairs": shapes_args.max_pairs,
         "box_fraction": shapes_args.box_fraction,
+        "token_geometry": {
+            "weight": shapes_args.token_geometry_weight,
+            "scale": shapes_args.token_geometry_scale,
+            "targets": shapes_args.token_geometry_targets,
+        },
         "batch_size": training_args.per_device_train_batch_size,
         "learning_rate": training_args.learning_rate,
         "torch_threads": torch.get_num_threads(),

@@ -1,5 +1,6 @@
 """The synthetic shapes benchmark: scenes, questions, training rows and scoring."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,25 @@ def test_training_mixture_options_shape_the_conversations():
     answers = {m["content"] for row in videos for m in row["messages"] if m["role"] == "assistant"}
     assert answers <= set(DIRECTIONS)
     assert all(len(draw_scene(np.random.default_rng(k), True, video_shapes=(4, 6)).objects) >= 4 for k in range(5))
+
+
+def test_ask_every_moving_shape_asks_each_video_shape_once_and_leaves_still_rows_alone():
+    options = {"seed": 6, "video_fraction": 0.5, "max_questions_per_row": 1}
+    sampled = shapes_region_chat_dataset(30, **options).to_list()
+    every = shapes_region_chat_dataset(30, ask_every_moving_shape=True, **options).to_list()
+    assert [row["id"] for row in every] == [row["id"] for row in sampled]
+    video_rows = 0
+    for plain, asked in zip(sampled, every, strict=True):
+        turns = sum(m["role"] == "user" for m in asked["messages"])
+        if not asked["frames"]:
+            assert asked == plain  # still scenes: the same conversation, the random stream unchanged
+            continue
+        video_rows += 1
+        assert sum(m["role"] == "user" for m in plain["messages"]) == 1
+        # One direction question per moving shape: as many turns as regions, each region named once.
+        assert turns == len(asked["regions"]) >= 2
+        assert len({json.dumps(region, sort_keys=True, default=str) for region in asked["regions"]}) == turns
+    assert video_rows >= 8
 
 
 def test_box_fraction_gives_some_regions_as_their_bounding_boxes_and_keeps_the_default_rows():

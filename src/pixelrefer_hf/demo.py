@@ -186,7 +186,7 @@ where `pixelrefer_hf` is not installed.
 * Architecture: `pixelrefer_hf.demo.demo_config("{variant}")`: NaViT vision tower 3 x 128 (patch 14), Qwen2 LLM 4 x 256,
   8 object tokens per region, still images and video frames pooled 2x2, every weight random at the start.
 * Stage 1, object perception ({perception_steps} steps): the tower, SAOT and OCI learn to put each object's shape,
-  colour, size and place into its tokens, through a small read-out head that is then dropped.
+  colour, size and place into its tokens, through a small read-out head that is then dropped{token_geometry}.
 * Stage 2, TRL `SFTTrainer` ({steps} steps, batch {batch_size}, AdamW, learning rate {learning_rate}, cosine schedule,
   float32, {stage2_trained}): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), {min_turns} to
   {max_turns} questions each{mixture}, loss on the answers only.
@@ -221,6 +221,19 @@ pixels the model never saw inside a training mask. License: the code's (Apache-2
 """
 
 
+def _token_geometry_note(token_geometry: dict | None) -> str:
+    """The card's words for stage 1's per-token read-out (`train_shapes.py --token_geometry_*`), if it was used."""
+    if not token_geometry or not token_geometry.get("weight"):
+        return ""
+    names = {"area": "log-area", "x": "centre x", "y": "centre y"}
+    asked = ", ".join(names[name] for name in token_geometry["targets"].split(","))
+    return (
+        f", and every single token is asked for the object's {asked} along fixed-length directions of the "
+        f"RMS-normalised token (strength {token_geometry['scale']:g}, weight {token_geometry['weight']:g}), so that "
+        "they stand out in each token as the LLM sees it"
+    )
+
+
 def demo_model_card(summary: dict) -> str:
     """The model card (README.md) of a demo checkpoint, from the `training_summary.json` of `train_shapes.py`."""
     variant = summary["variant"]
@@ -245,12 +258,16 @@ def demo_model_card(summary: dict) -> str:
                 f"; {100 * summary['box_fraction']:g}% of the regions given as their bounding box (both stages)"
                 if summary.get("box_fraction")
                 else "",
+                "; a video's conversation asks the direction of every shape in it"
+                if summary.get("ask_every_moving_shape")
+                else "",
             ]
         ),
         learning_rate=summary["learning_rate"],
         batch_size=summary["batch_size"],
         steps=summary["steps"],
         perception_steps=summary.get("perception_steps", 0),
+        token_geometry=_token_geometry_note(summary.get("token_geometry")),
         stage2_trained=(
             "tower, SAOT and OCI frozen" if summary.get("perception_frozen_in_sft") else "every weight trained"
         ),

@@ -344,6 +344,7 @@ def shapes_region_chat_dataset(
     min_questions_per_row: int = 1,
     video_shapes: tuple[int, int] = (2, 4),
     box_fraction: float = 0.0,
+    ask_every_moving_shape: bool = False,
 ):
     """Training conversations about synthetic scenes, in the region-chat schema of `pixelrefer_hf.data`.
 
@@ -355,7 +356,8 @@ def shapes_region_chat_dataset(
     scene offers it); with them each turn's kind is drawn by weight (`{"larger": 3.0}` asks pair questions about
     three times as often as a single-region kind), from up to `max_pairs` pairs per still scene. Each region a turn
     names is given as its bounding box (a filled rectangle, as a user's box reaches the model) with probability
-    `box_fraction`, otherwise as its mask.
+    `box_fraction`, otherwise as its mask. With `ask_every_moving_shape` a video's conversation asks the direction of
+    every shape in it, whatever the drawn count (the video is the costly part of the row; its extra turns are cheap).
     """
     rng = np.random.default_rng(seed)
     # Box draws come from their own stream, so that `box_fraction=0` leaves every row as it was.
@@ -367,6 +369,8 @@ def shapes_region_chat_dataset(
         # checkpoints were trained on.
         candidates = scene_questions(scene, rng, max_pairs=max_pairs)
         count = int(rng.integers(min_questions_per_row, max_questions_per_row + 1))
+        if ask_every_moving_shape and scene.is_video:
+            count = len(candidates)
         if kind_weights is None:
             questions = candidates[:count]
         else:
