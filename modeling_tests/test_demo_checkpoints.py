@@ -229,12 +229,15 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
         "24",
         "--perception_batch_size",
         "8",
+        "--token_geometry_weight",
+        "3",
     ]
     env = offline_env()
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["steps"] == 6 and summary["perception_steps"] == 24
+    assert summary["token_geometry"] == {"weight": 3.0, "scale": 8.0, "targets": "area,x,y"}
     first, last = summary["perception_loss_first_last"]
     assert last < first  # stage 1 learns too (means of its first and last 10 steps)
     assert summary["last_logged_loss"] < 0.7 * summary["first_logged_loss"], summary
@@ -243,6 +246,28 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
     assert model.config.legacy_box_position is False and model.config.num_object_tokens == 8
     assert torch.isfinite(next(model.parameters())).all()
     assert os.path.getsize(output / "model.safetensors") < 25_000_000
+
+
+def test_per_token_geometry_read_out_cannot_amplify_a_faint_feature():
+    """Stage 1's per-token read-out (`train_shapes.py --token_geometry_weight`) sees the token as the LLM's RMSNorm
+    does and projects it on unit directions: its outputs ignore the token's scale and the weights' length, and no
+    output exceeds sqrt(hidden) (Cauchy-Schwarz), so a target of +-s forces a share s / sqrt(hidden) of every token's
+    norm onto that direction."""
+    script = runpy.run_path(str(ROOT / "examples" / "train_shapes.py"), run_name="train_shapes")
+    torch.manual_seed(0)
+    head = script["ObjectPerceptionHead"](16)
+    torch.nn.init.zeros_(head.token_geometry_direction.bias)
+    tokens = torch.randn(7, 16)
+    out = head.token_geometry(tokens)
+    assert out.shape == (7, 3)
+    torch.testing.assert_close(head.token_geometry(25 * tokens), out)
+    with torch.no_grad():
+        head.token_geometry_direction.weight.mul_(100)
+    torch.testing.assert_close(head.token_geometry(tokens), out)
+    assert out.abs().max() <= 4.0 + 1e-4
+    # A token that is all along one read-out direction gives exactly sqrt(hidden) there.
+    direction = head.token_geometry_direction.weight[1] / head.token_geometry_direction.weight[1].norm()
+    assert head.token_geometry(3 * direction[None])[0, 1].item() == pytest.approx(4.0, abs=1e-3)
 
 
 def test_quickstart_example_answers_with_the_demo_checkpoint(capsys, monkeypatch):
