@@ -8,8 +8,9 @@ The bundled demo checkpoints were made with exactly these commands (each on one 
 
     python examples/train_shapes.py --variant pixelrefer --threads 1 --max_total_minutes 29 \
         --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
-    python examples/train_shapes.py --variant pixelrefer-lite --max_steps 420 --box_fraction 0 --threads 1 \
-        --max_total_minutes 29 --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
+    python examples/train_shapes.py --variant pixelrefer-lite --max_steps 420 --box_fraction 0 \
+        --token_geometry_weight 3 --threads 1 --max_total_minutes 29 \
+        --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
 
 The previous checkpoints' recipe (1 to 4 random questions per scene, 25% videos, masks only) and, with
 `--object_crop frame`, the README's ablation (plain mask pooling over the whole frame instead of SAOT's crop):
@@ -34,7 +35,8 @@ A quick smoke run (a few steps, a few seconds):
 
 Every weight starts random (`pixelrefer_hf.demo.demo_config`: a 3-layer 128-wide vision tower, a 4-layer 256-wide
 Qwen2, 8 object tokens). Stage 1 (`--perception_steps`) trains the tower, SAOT and OCI with a small read-out head that
-predicts each object's shape, colour, size and place from its tokens; stage 2 is TRL's `SFTTrainer` on conversations
+predicts each object's shape, colour, size and place from its tokens (with `--token_geometry_weight`, also size and
+place from every single token through unit directions, so that they stand out in each token as the LLM sees it); stage 2 is TRL's `SFTTrainer` on conversations
 about `pixelrefer_hf.synthetic` scenes with those frozen (the LLM and PixelRefer's global projector learn to read the
 tokens), loss on the answers only (`PixelReferDataCollator`).
 `--max_minutes` bounds stage 2's wall time, `--max_total_minutes` the whole run's. Evaluate with
