@@ -41,7 +41,14 @@ from transformers import pipeline
 
 from pixelrefer_hf.demo import demo_checkpoint
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
-from pixelrefer_hf.synthetic import DIRECTIONS, NUM_VIDEO_FRAMES, ShapesEvalItem, draw_video_scene, scene_questions
+from pixelrefer_hf.synthetic import (
+    DIRECTIONS,
+    NUM_VIDEO_FRAMES,
+    ShapesEvalItem,
+    draw_video_scene,
+    mask_centre,
+    scene_questions,
+)
 
 ANSWERS = list(DIRECTIONS)
 
@@ -60,9 +67,8 @@ def encode_prompts(pipe, num_scenes: int, seed: int) -> list[dict]:
                 )
             answer_id = pipe.tokenizer(question.answer, add_special_tokens=False)["input_ids"][0]
             masks = scene.objects[question.object_indices[0]].masks
-            height, width = masks[0].shape
             # (frames, 2): the shape's centre (x, y) on every frame, as a fraction of the frame.
-            centres = [[cols.mean() / width, rows.mean() / height] for rows, cols in map(np.nonzero, masks)]
+            centres = [list(mask_centre(mask)) for mask in masks]
             records.append(
                 {
                     "embeds": embeds[0],

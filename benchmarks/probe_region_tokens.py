@@ -38,6 +38,7 @@ from pixelrefer_hf.synthetic import (
     QUESTIONS,
     draw_image_scene,
     draw_video_scene,
+    mask_centre,
     normalize_answer,
 )
 
@@ -114,11 +115,10 @@ def collect(encoder: RegionEncoder, num_scenes: int, seed: int) -> dict:
         spans = encoded["region_positions"].split(counts)
         scene_tokens = [pooled(t) for t in encoded["object_tokens"].split(counts)]
         for obj, mask, tokens, span in zip(scene.objects, masks, scene_tokens, spans):
-            rows, cols = np.nonzero(mask)
             hidden = [pooled(layer[span]) for layer in encoded["hidden"][1:]]
             for name, target in (
                 ("area", [np.log(obj.area / (height * width))]),
-                ("centre", [cols.mean() / width, rows.mean() / height]),
+                ("centre", list(mask_centre(mask))),
             ):
                 data[name]["tokens"].append(tokens)
                 data[name]["hidden"].append(hidden)
@@ -162,10 +162,8 @@ def collect(encoder: RegionEncoder, num_scenes: int, seed: int) -> dict:
                 data["frame"]["hidden"].append([pooled(layer[span]) for layer in encoded["hidden"][1:]])
                 data["frame"]["target"].append(t)
             first_last = np.concatenate([pooled(chunks[0]), pooled(chunks[-1])])
-            (first_rows, first_cols), (last_rows, last_cols) = np.nonzero(obj.masks[0]), np.nonzero(obj.masks[-1])
-            data["move"]["displacement"].append(
-                [(last_cols.mean() - first_cols.mean()) / width, (last_rows.mean() - first_rows.mean()) / height]
-            )
+            (first_x, first_y), (last_x, last_y) = mask_centre(obj.masks[0]), mask_centre(obj.masks[-1])
+            data["move"]["displacement"].append([last_x - first_x, last_y - first_y])
             direction = list(DIRECTIONS).index(obj.direction)
             _add_question(encoder, data["move"], item, first_last, direction, obj.direction, encoded)
             data["move"]["hidden_regions"].append(

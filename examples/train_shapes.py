@@ -63,7 +63,14 @@ from pixelrefer_hf.demo import (
     is_bundled_checkpoint_folder,
 )
 from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
-from pixelrefer_hf.synthetic import COLORS, SHAPES, box_of_mask, draw_image_scene, shapes_region_chat_dataset
+from pixelrefer_hf.synthetic import (
+    COLORS,
+    SHAPES,
+    box_of_mask,
+    draw_image_scene,
+    mask_centre,
+    shapes_region_chat_dataset,
+)
 from pixelrefer_hf.training_utils import end_training
 
 
@@ -93,6 +100,13 @@ class ShapesArguments:
         metadata={
             "help": "A training video's conversation asks the direction of every shape in it (False: a random number "
             "of turns, as for still scenes; the previous checkpoints' recipe)."
+        },
+    )
+    direction_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Stage 2: weight of a video row's answers (all of them `direction` turns) in the loss, against 1 "
+            "for a still row's (1: the plain token mean, the previous checkpoints' recipe)."
         },
     )
     larger_weight: float = field(
@@ -216,14 +230,12 @@ def perception_batch(
         )
         height, width = scene.frames[0].shape[:2]
         for obj in scene.objects:
-            rows, cols = np.nonzero(obj.masks[0])
             targets.append(
                 [
                     SHAPES.index(obj.shape),
                     list(COLORS).index(obj.color),
                     np.log(obj.area / (height * width)),
-                    cols.mean() / width,
-                    rows.mean() / height,
+                    *mask_centre(obj.masks[0]),
                 ]
             )
     return frames, masks, torch.tensor(targets, dtype=torch.float32)
@@ -257,6 +269,7 @@ def object_perception_warmup(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(10_000 + seed)  # scenes apart from the SFT rows (seed 0) and evaluation (1000+)
     box_rng = np.random.default_rng(20_000 + seed)  # its own stream: box_fraction=0 keeps the scenes as they were
+    asked = [("area", "x", "y").index(name) for name in token_geometry_targets]  # columns of the per-token read-out
     losses = []
     model.train()
     for _ in range(steps):
@@ -283,7 +296,6 @@ def object_perception_warmup(
                 ],
                 dim=-1,
             ).repeat_interleave(torch.tensor(counts), dim=0)  # (num_tokens, 3)
-            asked = [("area", "x", "y").index(name) for name in token_geometry_targets]
             per_token = head.token_geometry(tokens)[:, asked] / token_geometry_scale
             loss = loss + token_geometry_weight * nn.functional.mse_loss(per_token, geometry_targets[:, asked])
         optimizer.zero_grad()
@@ -316,6 +328,46 @@ def load_perception_weights(model, folder: str) -> None:
             f"{unexpected[:3]}, other shapes {wrong_shape[:3]})"
         )
     model.load_state_dict(loaded, strict=False)
+
+
+class RowWeightedCollator:
+    """`PixelReferDataCollator`, plus `loss_weights` (one per sample): `video_weight` for a video row, 1 otherwise."""
+
+    def __init__(self, collator: PixelReferDataCollator, video_weight: float):
+        self.collator, self.video_weight = collator, video_weight
+
+    def __call__(self, rows) -> dict:
+        batch = self.collator(rows)
+        if len(batch["input_ids"]) != len(rows):
+            # The collator skipped a bad row, so the weights could no longer be matched to the samples.
+            raise ValueError(
+                f"RowWeightedCollator: {len(rows) - len(batch['input_ids'])} rows of the batch were skipped"
+            )
+        batch["loss_weights"] = torch.tensor([self.video_weight if row["frames"] else 1.0 for row in rows])
+        return batch
+
+
+class RowWeightedSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose loss weights every answer token by its sample's `loss_weights` (from `RowWeightedCollator`),
+    still divided by the number of answer tokens: direction turns are a small share of the answer tokens (about 12% at
+    10% videos), and a fresh LLM needs a few thousand of them before it compares frames at all
+    (`benchmarks/results/direction_learning_place.md`); the weight lends them more of each step without costing
+    more videos, whose frames are the expensive part of a batch."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("loss_weights")
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)  # TRL's fused head: log-probs of the shifted labels
+        mask = outputs.label_mask  # (batch, seq - 1)
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -(outputs.log_probs * weights[:, None].to(outputs.log_probs)).sum() / torch.as_tensor(num_tokens).clamp(
+            min=1
+        )
+        if outputs.is_top1 is not None:
+            self._metrics["train"]["mean_token_accuracy"].append(
+                (outputs.is_top1.sum() / mask.sum().clamp(min=1)).item()
+            )
+        return (loss, outputs) if return_outputs else loss
 
 
 class TimeBudget(TrainerCallback):
@@ -391,6 +443,12 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         ask_every_moving_shape=shapes_args.ask_every_moving_shape,
     )
     collator = PixelReferDataCollator(processor)
+    trainer_class = SFTTrainer
+    if shapes_args.direction_loss_weight != 1.0:
+        collator, trainer_class = (
+            RowWeightedCollator(collator, shapes_args.direction_loss_weight),
+            RowWeightedSFTTrainer,
+        )
 
     deadlines = []
     if shapes_args.max_minutes:
@@ -405,7 +463,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "processing_class": processor,
         "callbacks": [TimeBudget(deadline)] if deadline is not None else None,
     }
-    trainer = SFTTrainer(data_collator=collator, **trainer_kwargs)
+    trainer = trainer_class(data_collator=collator, **trainer_kwargs)
     result = trainer.train()
     trainer.save_model(training_args.output_dir)
     # The Trainer also pickles its arguments; a published folder holds safetensors and JSON only.
@@ -425,6 +483,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "questions_per_row": [shapes_args.min_questions_per_row, shapes_args.max_questions_per_row],
         "video_shapes": shapes_args.video_shapes,
         "ask_every_moving_shape": shapes_args.ask_every_moving_shape,
+        "direction_loss_weight": shapes_args.direction_loss_weight,
         "larger_weight": shapes_args.larger_weight,
         "max_pairs": shapes_args.max_pairs,
         "box_fraction": shapes_args.box_fraction,

@@ -231,6 +231,8 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
         "8",
         "--token_geometry_weight",
         "3",
+        "--direction_loss_weight",
+        "2",
     ]
     env = offline_env()
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -238,6 +240,7 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["steps"] == 6 and summary["perception_steps"] == 24
     assert summary["token_geometry"] == {"weight": 3.0, "scale": 8.0, "targets": "area,x,y"}
+    assert summary["direction_loss_weight"] == 2.0
     first, last = summary["perception_loss_first_last"]
     assert last < first  # stage 1 learns too (means of its first and last 10 steps)
     assert summary["last_logged_loss"] < 0.7 * summary["first_logged_loss"], summary
@@ -268,6 +271,50 @@ def test_per_token_geometry_read_out_cannot_amplify_a_faint_feature():
     # A token that is all along one read-out direction gives exactly sqrt(hidden) there.
     direction = head.token_geometry_direction.weight[1] / head.token_geometry_direction.weight[1].norm()
     assert head.token_geometry(3 * direction[None])[0, 1].item() == pytest.approx(4.0, abs=1e-3)
+
+
+def test_direction_loss_weight_scales_the_answers_of_video_rows_only(tmp_path):
+    """`train_shapes.py --direction_loss_weight`: the loss weights a video row's answer tokens (its direction turns)
+    and leaves it the plain token mean of TRL's SFTTrainer at weight 1."""
+    from trl import SFTConfig, SFTTrainer
+
+    from pixelrefer_hf.collator import PixelReferDataCollator
+    from pixelrefer_hf.demo import demo_config_and_processor
+    from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
+    from pixelrefer_hf.synthetic import shapes_region_chat_dataset
+
+    script = runpy.run_path(str(ROOT / "examples" / "train_shapes.py"), run_name="train_shapes")
+    config, processor = demo_config_and_processor("pixelrefer-lite")
+    torch.manual_seed(0)
+    model = PixelReferForConditionalGeneration(config)
+    dataset = shapes_region_chat_dataset(12, seed=3, video_fraction=0.5)
+    rows = dataset.to_list()
+    still, video = next(r for r in rows if not r["frames"]), next(r for r in rows if r["frames"])
+    args = SFTConfig(output_dir=str(tmp_path), **{**script["default_training_arguments"](), "max_steps": 1})
+    plain_collator = PixelReferDataCollator(processor)
+    trainer = script["RowWeightedSFTTrainer"](
+        model=model, args=args, train_dataset=dataset, processing_class=processor, data_collator=plain_collator
+    )
+    plain = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processor, data_collator=plain_collator
+    )
+
+    def loss(weight: float, batch_rows: list[dict], trainer=trainer) -> float:
+        batch = script["RowWeightedCollator"](plain_collator, weight)(batch_rows)
+        assert batch["loss_weights"].tolist() == [1.0 if not r["frames"] else weight for r in batch_rows]
+        if trainer is plain:
+            batch.pop("loss_weights")
+        with torch.no_grad():
+            return float(trainer.compute_loss(model, batch))
+
+    both = [still, video]
+    assert loss(1.0, both) == pytest.approx(loss(1.0, both, trainer=plain), rel=1e-5)
+    # Linear in the video row's weight, with the still row's share unchanged.
+    at_zero, at_one = loss(0.0, both), loss(1.0, both)
+    assert at_zero < at_one
+    assert loss(5.0, both) == pytest.approx(at_zero + 5 * (at_one - at_zero), rel=1e-5)
+    # A batch of still rows only is untouched by the weight.
+    assert loss(5.0, [still]) == pytest.approx(loss(1.0, [still], trainer=plain), rel=1e-5)
 
 
 def test_quickstart_example_answers_with_the_demo_checkpoint(capsys, monkeypatch):

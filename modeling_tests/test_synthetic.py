@@ -24,6 +24,7 @@ from pixelrefer_hf.synthetic import (
     draw_scene,
     draw_video_scene,
     example_scene,
+    mask_centre,
     normalize_answer,
     scene_questions,
     score_shapes_answers,
@@ -312,3 +313,13 @@ def test_held_out_items_give_their_regions_as_tight_boxes_on_request():
                 assert box == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
                 assert np.array_equal(region_to_mask(box, mask.shape, "box"), box_of_mask(mask))
     assert any(item.scene.is_video for item in items)
+
+
+def test_mask_centre_is_the_centre_of_mass_as_fractions_of_the_frame():
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[2:4, 4:8] = True  # rows 2-3, columns 4-7
+    mask[3, 9] = True
+    # x: columns 4..7 twice and 9, over the width 20; y: rows 2 (4 pixels) and 3 (5 pixels), over the height 10.
+    assert mask_centre(mask) == pytest.approx((53 / 9 / 20, 23 / 9 / 10))
+    with pytest.raises(ValueError, match="empty mask"):
+        mask_centre(np.zeros((4, 4), dtype=bool))

@@ -300,6 +300,16 @@ def box_of_mask(mask: np.ndarray) -> np.ndarray:
     return region_to_mask(mask_to_box(mask), mask.shape, "bounding box")
 
 
+def mask_centre(mask: np.ndarray) -> tuple[float, float]:
+    """`(x, y)`: the centre of mass of a non-empty `(H, W)` mask, as fractions of the frame's width and height (the
+    place that training read-outs, probes and benchmarks ask of a shape's tokens)."""
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        raise ValueError("an empty mask has no centre")
+    height, width = mask.shape
+    return float(cols.mean() / width), float(rows.mean() / height)
+
+
 def box_of_region(region):
     """A region entry of `_regions_of` (a mask, or `{frame: mask}`) with every mask replaced by its bounding box."""
     if isinstance(region, dict):
@@ -569,6 +579,7 @@ __all__ = [
     "draw_scene",
     "draw_video_scene",
     "example_scene",
+    "mask_centre",
     "normalize_answer",
     "scene_questions",
     "score_shapes_answers",
