@@ -170,6 +170,15 @@ class ShapesArguments:
             "its range, in units of the RMS-normalised token (whose norm is sqrt(hidden size), 16 in the demo)."
         },
     )
+    direction_warmup_videos: int = field(
+        default=0,
+        metadata={
+            "help": "Stage 1b: training videos (every moving shape asked, one region per prompt) whose prompts are "
+            "encoded once and taught to the LLM alone before stage 2 (0 skips it)."
+        },
+    )
+    direction_warmup_epochs: int = field(default=2, metadata={"help": "Stage 1b: passes over the cached prompts."})
+    direction_warmup_batch_size: int = field(default=16, metadata={"help": "Stage 1b: prompts per step."})
     position_init_std: float = field(
         default=1.0,
         metadata={"help": "Init std of SAOT's box-position embedding (0 keeps the model's default init)."},
@@ -309,6 +318,125 @@ def object_perception_warmup(
     return losses
 
 
+def direction_prompts(
+    model, processor, num_videos: int, seed: int, video_shapes: tuple[int, int]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Stage 1b's data: one prompt per moving shape of `num_videos` fresh training videos, each naming one region as
+    the evaluation (and a user) asks it, encoded once through the frozen object side. Per prompt `(inputs_embeds
+    (seq, hidden), input_ids (seq,), labels (seq,))`, the object (and image) slots filled."""
+    collator = PixelReferDataCollator(processor)
+    rows = shapes_region_chat_dataset(
+        num_videos, seed=30_000 + seed, video_fraction=1.0, video_shapes=video_shapes, ask_every_moving_shape=True
+    ).to_list()
+    prompts = [
+        {**row, "messages": row["messages"][2 * turn : 2 * turn + 2], "regions": row["regions"][turn : turn + 1]}
+        for row in rows
+        for turn in range(len(row["regions"]))
+    ]
+    cached = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), 8):
+            batch = collator(prompts[start : start + 8])
+            inputs = {k: v for k, v in batch.items() if k not in ("attention_mask", "labels")}
+            embeds, _, _ = model.model.embed_multimodal_inputs(**inputs)
+            for row, length in enumerate(batch["attention_mask"].sum(-1).tolist()):  # right-padded
+                cached.append((embeds[row, :length], batch["input_ids"][row, :length], batch["labels"][row, :length]))
+    model.train()
+    return cached
+
+
+def direction_warmup(
+    model,
+    processor,
+    num_videos: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    video_shapes: tuple[int, int],
+) -> dict:
+    """Stage 1b: teach the LLM `Which way does <region> move?` alone, from prompts encoded once
+    (`direction_prompts`).
+
+    With the object side frozen, a direction prompt's LLM input never changes, so its encoding (the expensive part:
+    eight frames through the tower) can serve several epochs. A fresh 4-layer LLM needs a few thousand direction
+    updates before it starts comparing a region's first and last frames, more than the videos a 30-minute stage 2
+    can encode, and mixed among the still questions it stayed at chance in every earlier run of issue 16; stage 2 then
+    keeps what this taught. Trains the LLM and its head on the answer tokens; the last tenth of the prompts is held
+    out and scored (first answer token) after each epoch. Returns what was done and those scores.
+    """
+    cached = direction_prompts(model, processor, num_videos, seed, video_shapes)
+    backbone, config = model.model, model.config
+    media_ids = torch.tensor([config.region_token_id, config.image_token_id])
+    held_out = max(1, len(cached) // 10)
+    train, test = cached[:-held_out], cached[-held_out:]
+
+    language_model, head = backbone.language_model, model.lm_head
+    parameters = list({id(p): p for m in (language_model, head) for p in m.parameters()}.values())  # tied once
+
+    def logits_and_labels(records):
+        """Right-padded batch -> `(logits (batch, seq - 1, vocab), labels (batch, seq - 1))`, labels shifted."""
+        length, hidden = max(len(r[1]) for r in records), records[0][0].shape[-1]
+        embeds = torch.zeros(len(records), length, hidden)
+        ids = torch.zeros(len(records), length, dtype=torch.long)
+        labels = torch.full((len(records), length), -100)
+        for row, (cached_embeds, cached_ids, cached_labels) in enumerate(records):
+            embeds[row, : len(cached_ids)], ids[row, : len(cached_ids)] = cached_embeds, cached_ids
+            labels[row, : len(cached_ids)] = cached_labels
+        attention_mask = torch.arange(length)[None] < torch.tensor([len(r[1]) for r in records])[:, None]
+        # Text slots re-embedded by the (trained) embedding table; object / image slots stay as encoded.
+        embeds = torch.where(torch.isin(ids, media_ids)[..., None], embeds, language_model.embed_tokens(ids))
+        states = language_model(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
+        return head(states[:, :-1]), labels[:, 1:]
+
+    def first_token_accuracy(records) -> float:
+        right = 0
+        with torch.no_grad():
+            for start in range(0, len(records), 32):
+                logits, labels = logits_and_labels(records[start : start + 32])
+                first = (labels != -100).int().argmax(-1)  # the answer's first token
+                rows = torch.arange(len(labels))
+                right += int((logits[rows, first].argmax(-1) == labels[rows, first]).sum())
+        return right / len(records)
+
+    steps_per_epoch = max(1, len(train) // batch_size)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch, pct_start=0.05
+    )
+    order_rng = np.random.default_rng(40_000 + seed)
+    accuracy = []
+    model.train()
+    for epoch in range(epochs):
+        order, losses = order_rng.permutation(len(train)), []
+        for step in range(steps_per_epoch):
+            logits, labels = logits_and_labels([train[k] for k in order[step * batch_size : (step + 1) * batch_size]])
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        model.eval()
+        accuracy.append(round(first_token_accuracy(test), 3))
+        model.train()
+        print(
+            f"direction warm-up epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.3f}, held-out accuracy "
+            f"{accuracy[-1]:.3f}",
+            flush=True,
+        )
+    return {
+        "videos": num_videos,
+        "prompts": len(cached),
+        "held_out_prompts": held_out,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "held_out_accuracy_per_epoch": accuracy,
+    }
+
+
 PERCEPTION_PREFIXES = ("model.vision_model.", "model.object_tokenizer.", "model.object_infusion.")
 
 
@@ -428,6 +556,19 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
                 if module is not None:
                     module.requires_grad_(False)
 
+    direction_warmup_summary = None
+    if shapes_args.direction_warmup_videos:
+        direction_warmup_summary = direction_warmup(
+            model,
+            processor,
+            shapes_args.direction_warmup_videos,
+            shapes_args.direction_warmup_epochs,
+            shapes_args.direction_warmup_batch_size,
+            training_args.learning_rate,
+            training_args.seed,
+            tuple(int(n) for n in shapes_args.video_shapes.split(",")),
+        )
+
     # Data: one pass over freshly drawn scenes (no row is seen twice).
     num_rows = shapes_args.num_train_rows or training_args.max_steps * training_args.per_device_train_batch_size
     train_dataset = shapes_region_chat_dataset(
@@ -484,6 +625,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         "video_shapes": shapes_args.video_shapes,
         "ask_every_moving_shape": shapes_args.ask_every_moving_shape,
         "direction_loss_weight": shapes_args.direction_loss_weight,
+        "direction_warmup": direction_warmup_summary,
         "larger_weight": shapes_args.larger_weight,
         "max_pairs": shapes_args.max_pairs,
         "box_fraction": shapes_args.box_fraction,

@@ -317,6 +317,39 @@ def test_direction_loss_weight_scales_the_answers_of_video_rows_only(tmp_path):
     assert loss(5.0, [still]) == pytest.approx(loss(1.0, [still], trainer=plain), rel=1e-5)
 
 
+def test_direction_warmup_caches_one_region_prompts_and_trains_only_the_llm():
+    """`train_shapes.py --direction_warmup_videos`: one prompt per moving shape, naming that one region, encoded once;
+    the warm-up then changes the LLM and its head and nothing on the object side."""
+    from pixelrefer_hf.demo import demo_config_and_processor
+    from pixelrefer_hf.modeling_pixelrefer import PixelReferForConditionalGeneration
+    from pixelrefer_hf.synthetic import DIRECTIONS, NUM_VIDEO_FRAMES
+
+    script = runpy.run_path(str(ROOT / "examples" / "train_shapes.py"), run_name="train_shapes")
+    config, processor = demo_config_and_processor("pixelrefer-lite")
+    torch.manual_seed(0)
+    model = PixelReferForConditionalGeneration(config)
+    prompts = script["direction_prompts"](model, processor, num_videos=3, seed=0, video_shapes=(2, 3))
+    assert 6 <= len(prompts) <= 9
+    tokenizer = processor.tokenizer
+    for embeds, ids, labels in prompts:
+        assert embeds.shape == (len(ids), config.text_config.hidden_size) and labels.shape == ids.shape
+        text = tokenizer.decode(ids)
+        assert text.count("Which way does") == 1 and text.count("Time ") == NUM_VIDEO_FRAMES  # one region
+        answer = tokenizer.decode(labels[labels != -100], skip_special_tokens=True).strip()
+        assert answer in DIRECTIONS
+
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    summary = script["direction_warmup"](
+        model, processor, num_videos=3, epochs=1, batch_size=4, learning_rate=1e-3, seed=0, video_shapes=(2, 3)
+    )
+    assert summary["prompts"] == len(prompts) and summary["held_out_prompts"] == 1
+    assert len(summary["held_out_accuracy_per_epoch"]) == 1
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(name.startswith("model.language_model.") for name in changed)
+    assert not [name for name in changed if name.startswith(script["PERCEPTION_PREFIXES"])]
+
+
 def test_quickstart_example_answers_with_the_demo_checkpoint(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["quickstart.py"])
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
