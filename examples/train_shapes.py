@@ -3,13 +3,16 @@
 # ///
 """Train a demo PixelRefer / PixelRefer-Lite from scratch on synthetic shapes with TRL's SFTTrainer (CPU friendly).
 
-The bundled demo checkpoints were made with exactly these commands (each on one core of a 2-core CPU, both at once,
-26 minutes each including data generation); the defaults are PixelRefer's recipe:
+The bundled demo checkpoints were made with exactly these commands; the defaults are PixelRefer's recipe, run on one
+core of a 2-core CPU while the other trained an earlier Lite (26 minutes including data generation). Lite ran alone
+on both cores (29 minutes, its stage 2 cut at step 473 by the budget), with stage 1's per-token read-out, stage 1b's
+direction warm-up and a stage 2 that keeps direction:
 
     python examples/train_shapes.py --variant pixelrefer --threads 1 --max_total_minutes 29 \
         --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-shapes
-    python examples/train_shapes.py --variant pixelrefer-lite --max_steps 420 --box_fraction 0 \
-        --token_geometry_weight 3 --threads 1 --max_total_minutes 29 \
+    python examples/train_shapes.py --variant pixelrefer-lite --box_fraction 0 --token_geometry_weight 3 \
+        --direction_warmup_videos 384 --direction_warmup_epochs 3 --video_fraction 0.15 --ask_every_moving_shape \
+        --direction_loss_weight 3 --max_steps 560 --threads 2 --max_total_minutes 29 \
         --output_dir src/pixelrefer_hf/demo_checkpoints/pixelrefer-lite-shapes
 
 The previous checkpoints' recipe (1 to 4 random questions per scene, 25% videos, masks only) and, with
@@ -37,6 +40,7 @@ Every weight starts random (`pixelrefer_hf.demo.demo_config`: a 3-layer 128-wide
 Qwen2, 8 object tokens). Stage 1 (`--perception_steps`) trains the tower, SAOT and OCI with a small read-out head that
 predicts each object's shape, colour, size and place from its tokens (with `--token_geometry_weight`, also size and
 place from every single token through unit directions, so that they stand out in each token as the LLM sees it);
+stage 1b (`--direction_warmup_videos`) trains the LLM alone on direction prompts encoded once, for several epochs;
 stage 2 is TRL's `SFTTrainer` on conversations about `pixelrefer_hf.synthetic` scenes with those frozen (the LLM and
 PixelRefer's global projector learn to read the tokens), loss on the answers only (`PixelReferDataCollator`).
 `--max_minutes` bounds stage 2's wall time, `--max_total_minutes` the whole run's. Evaluate with

@@ -61,11 +61,11 @@ def test_checkpoint_folder_ships_safe_small_weights_and_card_and_no_code(variant
 # Answer sets of the kinds whose answers are not object names: a wrong answer is still one of these.
 ANSWER_SETS = {"larger": {"yes", "no"}, "direction": {"left", "right", "up", "down"}}
 # Where a bundled checkpoint falls short of `DEMO_TARGETS` (README, "Demo checkpoints", 100 questions per kind: Lite's
-# `what` 90%, direction at chance for both), the level it is held to instead; None holds only the answer format.
+# `what` 92%, PixelRefer's direction at chance), the level it is held to instead; None holds only the answer format.
 # Every other target is asserted as it is. Drop an entry once a retrained checkpoint meets its target.
 SHORTFALLS = {
     "pixelrefer": {"direction": None},
-    "pixelrefer-lite": {"what": 0.85, "direction": None},
+    "pixelrefer-lite": {"what": 0.85},
 }
 # A model exactly at a bar falls below the passing count on this small set at most this often (a one-sided binomial
 # test): 30 questions cannot tell 95% from 93%, so the test fails on results that are unlikely at the bar, not on noise.
@@ -233,6 +233,12 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
         "3",
         "--direction_loss_weight",
         "2",
+        "--direction_warmup_videos",
+        "2",
+        "--direction_warmup_epochs",
+        "1",
+        "--direction_warmup_batch_size",
+        "2",
     ]
     env = offline_env()
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -241,6 +247,9 @@ def test_short_training_from_scratch_lowers_the_loss(tmp_path):
     assert summary["steps"] == 6 and summary["perception_steps"] == 24
     assert summary["token_geometry"] == {"weight": 3.0, "scale": 8.0, "targets": "area,x,y"}
     assert summary["direction_loss_weight"] == 2.0
+    assert summary["direction_warmup"]["videos"] == 2 and summary["direction_warmup"]["prompts"] >= 4
+    card = (output / "README.md").read_text()
+    assert "a video row's answers weighted 2x in the loss" in card and "Stage 1b, direction warm-up" in card
     first, last = summary["perception_loss_first_last"]
     assert last < first  # stage 1 learns too (means of its first and last 10 steps)
     assert summary["last_logged_loss"] < 0.7 * summary["first_logged_loss"], summary

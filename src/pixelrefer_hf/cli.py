@@ -94,9 +94,9 @@ def load_model_and_processor(name: str):
 
         logger.warning(
             f"Using {name!r}, the bundled toy model trained on synthetic coloured shapes: it names the colour and shape "
-            "of a region, compares sizes with the accuracy its card gives, answers motion questions at chance, and "
-            "knows nothing about real photos. Pass --model with a converted checkpoint for real answers (see "
-            "`pixelrefer convert --help`)."
+            "of a region and answers which of two is larger and which way one moves with the accuracy its card gives "
+            "(the PixelRefer demo's motion answers are at chance), and knows nothing about real photos. Pass --model "
+            "with a converted checkpoint for real answers (see `pixelrefer convert --help`)."
         )
         name = demo_checkpoint(DEMO_MODELS[name])
     elif name in TINY_RANDOM_MODELS:

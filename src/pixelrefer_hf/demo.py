@@ -1,8 +1,8 @@
 """The bundled demo checkpoints: small PixelRefer and PixelRefer-Lite models trained from scratch on synthetic shapes.
 
 They are toys. They name the colour (five) and shape (three) of a region of a synthetic scene
-(`pixelrefer_hf.synthetic`); they were also trained on which of two shapes is larger (PixelRefer's answers it well,
-Lite's barely above chance) and which way a shape moves (both at chance); each card gives the measured accuracies.
+(`pixelrefer_hf.synthetic`) and tell which of two shapes is larger and which way a shape moves in an 8-frame clip, as
+often as each card's measured accuracies say (the card also names the targets its checkpoint misses).
 They know nothing about real photos; they exist so that the `pixelrefer` command, the examples and the tests run a
 model that really reads regions, offline, in seconds. For real weights convert a released
 checkpoint (`pixelrefer convert --help`).
@@ -186,12 +186,11 @@ where `pixelrefer_hf` is not installed.
 * Architecture: `pixelrefer_hf.demo.demo_config("{variant}")`: NaViT vision tower 3 x 128 (patch 14), Qwen2 LLM 4 x 256,
   8 object tokens per region, still images and video frames pooled 2x2, every weight random at the start.
 * Stage 1, object perception ({perception_steps} steps): the tower, SAOT and OCI learn to put each object's shape,
-  colour, size and place into its tokens, through a small read-out head that is then dropped{token_geometry}.
+  colour, size and place into its tokens, through a small read-out head that is then dropped{token_geometry}.{direction_warmup}
 * Stage 2, TRL `SFTTrainer` ({steps} steps, batch {batch_size}, AdamW, learning rate {learning_rate}, cosine schedule,
   float32, {stage2_trained}): {rows} synthetic conversations (scene seed 0; {video_percent}% videos), {min_turns} to
   {max_turns} questions each{mixture}, loss on the answers only.
-* Time: {minutes} minutes including data generation, {torch_threads} CPU thread(s) (two variants trained at once on a
-  2-core machine). {loss_note}
+* Time: {minutes} minutes including data generation, {threads_note}. {loss_note}
 * Command: see the docstring of `examples/train_shapes.py` for the exact command line.
 
 ## Evaluation
@@ -234,6 +233,19 @@ def _token_geometry_note(token_geometry: dict | None) -> str:
     )
 
 
+def _direction_warmup_note(warmup: dict | None) -> str:
+    """The card's stage-1b bullet (`train_shapes.py --direction_warmup_videos`), if the run had one."""
+    if not warmup:
+        return ""
+    scores = ", ".join(f"{100 * score:.0f}%" for score in warmup["held_out_accuracy_per_epoch"])
+    return (
+        f"\n* Stage 1b, direction warm-up: {warmup['prompts']} direction prompts (one moving shape each, from "
+        f"{warmup['videos']} videos) encoded once through the frozen object side, the LLM alone trained on them for "
+        f"{warmup['epochs']} epochs (batch {warmup['batch_size']}); held-out accuracy after each epoch {scores} "
+        f"({warmup['held_out_prompts']} prompts)."
+    )
+
+
 def demo_model_card(summary: dict) -> str:
     """The model card (README.md) of a demo checkpoint, from the `training_summary.json` of `train_shapes.py`."""
     variant = summary["variant"]
@@ -261,6 +273,9 @@ def demo_model_card(summary: dict) -> str:
                 "; a video's conversation asks the direction of every shape in it"
                 if summary.get("ask_every_moving_shape")
                 else "",
+                f"; a video row's answers weighted {summary['direction_loss_weight']:g}x in the loss"
+                if summary.get("direction_loss_weight", 1.0) != 1.0
+                else "",
             ]
         ),
         learning_rate=summary["learning_rate"],
@@ -271,7 +286,12 @@ def demo_model_card(summary: dict) -> str:
         stage2_trained=(
             "tower, SAOT and OCI frozen" if summary.get("perception_frozen_in_sft") else "every weight trained"
         ),
-        torch_threads=summary["torch_threads"],
+        direction_warmup=_direction_warmup_note(summary.get("direction_warmup")),
+        threads_note=(
+            "one CPU thread (two variants trained at once on a 2-core machine)"
+            if summary["torch_threads"] == 1
+            else f"{summary['torch_threads']} CPU threads (alone on a 2-core machine)"
+        ),
         loss_note=(
             f"Logged stage-2 loss {first_loss:.2f} at the start, {last_loss:.2f} at the end."
             if first_loss is not None and last_loss is not None
