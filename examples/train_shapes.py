@@ -181,7 +181,7 @@ class ShapesArguments:
             "encoded once and taught to the LLM alone before stage 2 (0 skips it)."
         },
     )
-    direction_warmup_epochs: int = field(default=2, metadata={"help": "Stage 1b: passes over the cached prompts."})
+    direction_warmup_epochs: int = field(default=3, metadata={"help": "Stage 1b: passes over the cached prompts."})
     direction_warmup_batch_size: int = field(default=16, metadata={"help": "Stage 1b: prompts per step."})
     position_init_std: float = field(
         default=1.0,
