@@ -560,6 +560,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
                 if module is not None:
                     module.requires_grad_(False)
 
+    video_shapes = tuple(int(n) for n in shapes_args.video_shapes.split(","))  # (fewest, most) moving shapes
     direction_warmup_summary = None
     if shapes_args.direction_warmup_videos:
         direction_warmup_summary = direction_warmup(
@@ -570,7 +571,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
             shapes_args.direction_warmup_batch_size,
             training_args.learning_rate,
             training_args.seed,
-            tuple(int(n) for n in shapes_args.video_shapes.split(",")),
+            video_shapes,
         )
 
     # Data: one pass over freshly drawn scenes (no row is seen twice).
@@ -581,7 +582,7 @@ def main(shapes_args: ShapesArguments, training_args: SFTConfig) -> None:
         video_fraction=shapes_args.video_fraction,
         max_questions_per_row=shapes_args.max_questions_per_row,
         min_questions_per_row=shapes_args.min_questions_per_row,
-        video_shapes=tuple(int(n) for n in shapes_args.video_shapes.split(",")),
+        video_shapes=video_shapes,
         kind_weights={"larger": shapes_args.larger_weight} if shapes_args.larger_weight else None,
         max_pairs=shapes_args.max_pairs,
         box_fraction=shapes_args.box_fraction,
